@@ -1,0 +1,20 @@
+"""remat: activation checkpointing (rematerialization) for JAX and Flax."""
+
+from remat import rng
+from remat._src.compile import compiler_options, jit
+from remat._src.profile import Profile, Residual, profile, saved_residuals
+from remat._src.transform import RecomputationMismatchError, checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Profile",
+    "RecomputationMismatchError",
+    "Residual",
+    "checkpoint",
+    "compiler_options",
+    "jit",
+    "profile",
+    "rng",
+    "saved_residuals",
+]
