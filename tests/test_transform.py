@@ -38,7 +38,11 @@ def three_ways(f, argnums, *args, use_jit=False):
   """Gradients of sum(f) plainly, with jax.checkpoint and with remat.checkpoint."""
   out = []
   for wrap in (lambda g: g, jax.checkpoint, remat.checkpoint):
-    loss = lambda *a, g=wrap(f): jnp.sum(jax.tree_util.tree_leaves(g(*a))[0])
+    g = wrap(f)
+
+    def loss(*a, g=g):
+      return jnp.sum(jax.tree_util.tree_leaves(g(*a))[0])
+
     out.append(maybe_jit(jax.grad(loss, argnums=argnums), use_jit)(*args))
   return out
 
@@ -62,7 +66,7 @@ def test_none_leaves_python_scalars_ints_and_bools(use_jit):
   tree = {"x": jnp.arange(4.0), "none": None}
   n, flag = jnp.int32(3), jnp.array(True)
   for wrap in (jax.checkpoint, remat.checkpoint):
-    g = maybe_jit(jax.grad(lambda t, s: wrap(f)(t, s, n, flag)["y"].sum(), argnums=(0, 1)), use_jit)
+    g = maybe_jit(jax.grad(lambda t, s, w=wrap: w(f)(t, s, n, flag)["y"].sum(), argnums=(0, 1)), use_jit)
     got = g(tree, 2.0)
     want = jax.grad(lambda t, s: f(t, s, n, flag)["y"].sum(), argnums=(0, 1))(tree, 2.0)
     assert_same(got, want, exact=False)

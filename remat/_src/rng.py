@@ -83,7 +83,8 @@ def layer_key(key: rt.PRNGKey | None, index) -> rt.PRNGKey | None:
 
     >>> import jax, remat
     >>> k3 = remat.rng.layer_key(jax.random.key(0), 3)
-    >>> bool((jax.random.key_data(k3) == jax.random.key_data(remat.rng.layer_key(jax.random.key(0), 3))).all())
+    >>> again = remat.rng.layer_key(jax.random.key(0), 3)
+    >>> bool((jax.random.key_data(k3) == jax.random.key_data(again)).all())
     True
   """
   if key is None:

@@ -250,7 +250,7 @@ def _barrier(tree):
       plain.append(("arr", None, x))
   datas = jax.lax.optimization_barrier([d for _, _, d in plain])
   leaves = list(leaves)
-  for i, (kind, impl, _), d in zip(plain_idx, plain, datas):
+  for i, (kind, impl, _), d in zip(plain_idx, plain, datas, strict=True):
     leaves[i] = jax.random.wrap_key_data(d, impl=impl) if kind == "key" else d
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
