@@ -193,6 +193,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     dyn_args = tuple(a for i, a in enumerate(args) if i not in static)
     leaves, in_tree = jax.tree_util.tree_flatten((dyn_args, kwargs))
     leaves = [_as_array(x) for x in leaves]
+    origins = _leaf_origins(dyn_args, kwargs, [i for i in range(len(args)) if i not in static])
 
     def flat_fn(*flat):
       d_args, d_kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
@@ -203,7 +204,8 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     converted, consts = jax.closure_convert(flat_fn, *leaves)
     call = _build_custom_vjp(converted, policy=policy, offload=offload,
                              prevent_cse=prevent_cse, check_determinism=check_determinism,
-                             name=getattr(fn, "__name__", "fn"))
+                             name=getattr(fn, "__name__", "fn"),
+                             origins=origins + (None,) * len(consts))
     return call(*leaves, *consts)
 
   checkpointed.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -221,6 +223,20 @@ def _normalize_static(static_argnums, nargs, fn):
           "argument(s). Pass the static argument positionally, or fix the index.")
     out.add(j)
   return out
+
+
+def _leaf_origins(dyn_args, kwargs, positions) -> tuple[int | str, ...]:
+  """Where each flat input leaf comes from: its positional index in the call, or its keyword.
+
+  Closed-over values (appended by ``closure_convert``) get ``None``; the offload
+  hook uses this to move activations but not parameters.
+  """
+  out: list[int | str] = []
+  for j, a in enumerate(dyn_args):
+    out.extend([positions[j]] * len(jax.tree_util.tree_leaves(a)))
+  for k in sorted(kwargs):  # dicts flatten in sorted key order
+    out.extend([k] * len(jax.tree_util.tree_leaves(kwargs[k])))
+  return tuple(out)
 
 
 def _as_array(x):
@@ -285,7 +301,8 @@ def _check_outputs(name, out, again):
     report(*leaves_a, *leaves_b)
 
 
-def _build_custom_vjp(converted, *, policy, offload, prevent_cse, check_determinism, name):
+def _build_custom_vjp(converted, *, policy, offload, prevent_cse, check_determinism, name,
+                      origins=None):
   """A custom_vjp over flat inputs that recomputes ``converted`` in the backward pass."""
 
   @jax.custom_vjp
@@ -303,7 +320,7 @@ def _build_custom_vjp(converted, *, policy, offload, prevent_cse, check_determin
       again = converted(*_barrier(flat))
       _check_outputs(name, out, again)
     if offload is not None:
-      res = offload.to_host(res)
+      res = offload.to_host(res, inputs=flat, origins=origins)
     return out, res
 
   def bwd(res, ct):
