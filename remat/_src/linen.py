@@ -1,0 +1,282 @@
+"""``remat.linen.checkpoint``: ``flax.linen.remat`` built on ``remat.checkpoint``.
+
+Flax lifts a JAX transform over a module in two layers (``flax/core/lift.py``
+and ``flax/linen/transforms.py``): ``lift.pack`` turns the module's variable
+collections and its PRNG streams into explicit arguments of a pure function
+that returns its output and the repacked (mutated) collections, and
+``lift_transform`` turns a function-of-scopes transform into a Module-class
+transform. ``flax.linen.remat`` puts ``jax.checkpoint`` in the middle; we put
+``remat.checkpoint`` (a ``custom_vjp`` whose backward recomputes behind an
+``optimization_barrier`` that includes the cotangent). Because the RNG keys
+and the variables are arguments, the recomputation sees the same keys (same
+dropout masks) and the collections are updated once, from the forward pass.
+
+Differences from ``flax.linen.remat``, all on purpose:
+
+* the returned class keeps the original class name, so auto-named submodules
+  (``Block_0`` …) get the same names, and weights trained without
+  checkpointing load unchanged even without an explicit ``name``;
+* Python ``bool``, ``str`` and ``None`` arguments are static automatically
+  (a ``train``/``deterministic`` flag needs no ``static_argnums``);
+* bad arguments raise errors that say what to change.
+
+The core transform knows nothing of Flax; all Flax code is here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax.core import lift
+from flax.linen import transforms as linen_transforms
+
+from remat._src import transform as transform_lib
+
+_API = "`remat.linen.checkpoint`"
+
+
+### Main API
+
+
+def checkpoint(
+    module_cls: type[nn.Module],
+    *,
+    static_argnums: int | Sequence[int] = (),
+    policy: Callable[..., bool] | None = None,
+    offload: Any = None,
+    prevent_cse: bool = True,
+    methods: Sequence[str] | None = None,
+    variables: Any = True,
+    rngs: Any = True,
+) -> type[nn.Module]:
+  """Checkpoints a ``flax.linen`` Module class; a drop-in for ``flax.linen.remat``.
+
+  The returned class behaves as ``module_cls`` with its ``__call__`` (or the
+  listed ``methods``) wrapped by :func:`remat.checkpoint`: under
+  differentiation only the method's inputs, parameters and RNG keys are kept;
+  the backward pass recomputes the rest.
+
+  * Parameters: the same tree as ``module_cls`` (same class name, hence the
+    same auto-generated names), so weights load unchanged.
+  * RNG streams (``dropout`` and any stream read with ``make_rng``) are passed
+    as explicit keys: the recomputation draws the same masks, and gradients
+    equal those of the plain module with the same ``rngs``.
+  * Mutable collections (``batch_stats``, ``intermediates``, caches) are
+    updated once, from the forward pass, with the values the plain module
+    gives.
+  * Works inside ``nn.scan``, ``nn.jit`` and ``jax.jit``. On XLA:CPU compile
+    the step with ``remat.jit``, otherwise the CPU compiler undoes the saving.
+
+  Args:
+    module_cls: a subclass of ``flax.linen.Module`` (or a ``functools.partial``
+      of one).
+    static_argnums: positions of static arguments of the wrapped method,
+      counting ``self`` as 0 as ``flax.linen.remat`` does: for
+      ``__call__(self, x, train)`` use ``static_argnums=(2,)``. Python
+      ``bool``, ``str`` and ``None`` arguments are static without being
+      listed.
+    policy: optional ``jax.checkpoint_policies`` policy naming the
+      intermediates to keep (selective recomputation); passed to
+      :func:`remat.checkpoint`.
+    offload: optional ``remat.offload`` policy, passed to
+      :func:`remat.checkpoint`.
+    prevent_cse: passed to :func:`remat.checkpoint`.
+    methods: names of the methods to checkpoint; default ``("__call__",)``.
+    variables: the variable collections lifted into the checkpointed function
+      (a flax collection filter; default all).
+    rngs: the PRNG streams lifted (a flax filter; default all).
+
+  Returns:
+    A Module class with the same fields, name and parameter tree.
+
+  Raises:
+    TypeError: if ``module_cls`` is not a Module class, ``static_argnums`` is
+      not an int or tuple of ints, ``methods`` is not a sequence of names, or
+      (at call time) a static argument is an array.
+    ValueError: if ``static_argnums`` contains ``0`` (``self``) or a negative
+      index, or ``methods`` names a method the class does not have.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, remat
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.Dense(4)(x)
+    ...     return nn.Dropout(0.5, deterministic=not train)(x)
+    >>> CBlock = remat.linen.checkpoint(Block, static_argnums=(2,))
+    >>> x = jnp.ones((2, 4))
+    >>> v = CBlock().init(jax.random.key(0), x, False)
+    >>> jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+    ...     Block().init(jax.random.key(0), x, False))
+    True
+    >>> y = CBlock().apply(v, x, True, rngs={"dropout": jax.random.key(1)})
+    >>> y.shape
+    (2, 4)
+  """
+  base = _check_module_class(module_cls)
+  nums = _check_static_argnums(static_argnums)
+  method_names = _check_methods(methods, base)
+  # Check the remaining options once, where the user can see them.
+  transform_lib._validate_options(static_argnums=(), policy=policy, offload=offload,
+                                  prevent_cse=prevent_cse, check_determinism=False)
+  for name in method_names:
+    _check_static_in_range(nums, getattr(base, name), name)
+
+  lifted = functools.partial(
+      _lift_checkpoint, variables=variables, rngs=rngs,
+      static_argnums=tuple(i - 1 for i in nums),  # `self` is not passed on
+      policy=policy, offload=offload, prevent_cse=prevent_cse)
+  lifted.__name__ = "checkpoint"  # type: ignore[attr-defined]
+  out = linen_transforms.lift_transform(lifted, module_cls, methods=list(method_names))
+  cls = out.func if isinstance(out, functools.partial) else out
+  # Keep the original class name: linen derives auto-names (`Block_0`) from it.
+  cls.__name__ = base.__name__
+  cls.__qualname__ = base.__qualname__
+  cls.__doc__ = base.__doc__
+  return out
+
+
+### Implementation
+
+
+def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, prevent_cse):
+  """``flax.core.lift.checkpoint`` with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
+    name = getattr(fn, "__name__", "method")
+    static = set()
+    for i in static_argnums:
+      if i >= len(args):
+        raise ValueError(
+            f"the `static_argnums` argument to {_API} is out of range: index {i + 1} "
+            f"(counting `self` as 0) for a call of `{name}` with {len(args) + 1} "
+            "positional arguments. Pass that argument positionally, or fix the index.")
+      if _has_array(args[i]):
+        raise TypeError(
+            f"{_API}: `static_argnums` includes position {i + 1} of `{name}` (counting "
+            f"`self` as 0), but the argument there is an array "
+            f"({_describe(args[i])}). Static arguments must be hashable Python values; "
+            "drop this index from `static_argnums` to pass the array normally.")
+      static.add(i)
+    static |= {i for i, a in enumerate(args) if _auto_static(a)}
+    static_kwargs = {k: v for k, v in kwargs.items() if _auto_static(v)}
+    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_kwargs}
+
+    def rematted(variable_groups, rng_groups, *args, **dyn_kwargs):
+      scope = scope_fn(variable_groups, rng_groups)
+      y = fn(scope, *args, **static_kwargs, **dyn_kwargs)
+      return y, repack_fn(scope)
+
+    rematted.__name__ = name
+    checkpointed = transform_lib.checkpoint(
+        rematted, static_argnums=tuple(sorted(i + 2 for i in static)), policy=policy,
+        offload=offload, prevent_cse=prevent_cse)
+    return checkpointed(variable_groups, rng_groups, *args, **dyn_kwargs)
+
+  return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat",
+                   enable_kwargs=True)
+
+
+def _auto_static(x) -> bool:
+  return x is None or isinstance(x, (bool, str))
+
+
+def _has_array(x) -> bool:
+  return any(isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer))
+             for leaf in jax.tree_util.tree_leaves(x))
+
+
+def _describe(x) -> str:
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]
+  if len(leaves) == 1:
+    leaf = leaves[0]
+    return f"{getattr(leaf.dtype, 'name', leaf.dtype)}{list(leaf.shape)}"
+  return f"a pytree with {len(leaves)} arrays"
+
+
+def _check_module_class(module_cls) -> type[nn.Module]:
+  base = module_cls.func if isinstance(module_cls, functools.partial) else module_cls
+  if isinstance(base, type) and issubclass(base, nn.Module):
+    return base
+  if isinstance(base, nn.Module):
+    hint = (f"got an instance of `{type(base).__name__}`; wrap the class instead: "
+            f"`remat.linen.checkpoint({type(base).__name__})(...)`")
+  elif isinstance(base, type):
+    hint = f"got the class `{base.__name__}`, which is not a subclass of `flax.linen.Module`"
+  else:
+    hint = f"got {base!r} of type {type(base).__name__}"
+  raise TypeError(
+      f"{_API} expects a `flax.linen.Module` subclass, but {hint}. For a plain "
+      "function of arrays use `remat.checkpoint`; for NNX modules use "
+      "`remat.nnx.checkpoint`.")
+
+
+def _check_static_argnums(static_argnums) -> tuple[int, ...]:
+  if isinstance(static_argnums, (int, np.integer)) and not isinstance(static_argnums, bool):
+    static_argnums = (static_argnums,)
+  ok = isinstance(static_argnums, Iterable) and not isinstance(static_argnums, (str, bytes))
+  nums = tuple(static_argnums) if ok else ()
+  if not ok or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums):
+    raise TypeError(
+        f"the `static_argnums` argument to {_API} must be an int or a tuple of ints "
+        f"(counting `self` as 0), but got {static_argnums!r}. For "
+        "`__call__(self, x, train)` use `static_argnums=(2,)`.")
+  bad = [int(i) for i in nums if i < 1]
+  if bad:
+    raise ValueError(
+        f"the `static_argnums` argument to {_API} counts `self` as 0, as "
+        f"`flax.linen.remat` does, so indices must be >= 1, but got "
+        f"{tuple(int(i) for i in nums)!r}. For `__call__(self, x, train)` use "
+        "`static_argnums=(2,)`.")
+  return tuple(int(i) for i in nums)
+
+
+def _check_methods(methods, base) -> tuple[str, ...]:
+  if methods is None:
+    return ("__call__",)
+  if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not all(
+      isinstance(m, str) for m in methods):
+    raise TypeError(
+        f"the `methods` argument to {_API} must be None or a list/tuple of method "
+        f"names, e.g. `methods=['__call__', 'encode']`, but got {methods!r}.")
+  unknown = [m for m in methods if not callable(getattr(base, m, None))]
+  if unknown:
+    raise ValueError(
+        f"the `methods` argument to {_API} names {unknown!r}, which "
+        f"`{base.__name__}` does not define. Its methods are: "
+        f"{sorted(_own_methods(base))!r}.")
+  return tuple(methods)
+
+
+def _own_methods(base) -> set[str]:
+  """Methods defined by ``base`` or its user-defined ancestors (not ``nn.Module``'s)."""
+  names = set()
+  for klass in base.__mro__:
+    if klass is nn.Module or klass is object:
+      break
+    names.update(n for n, v in vars(klass).items() if callable(v) or isinstance(v, (
+        staticmethod, classmethod)))
+  return names
+
+
+def _check_static_in_range(nums, method, name):
+  try:
+    sig = inspect.signature(method)
+  except (TypeError, ValueError):
+    return
+  params = list(sig.parameters.values())
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return
+  n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+  bad = [i for i in nums if i >= n]
+  if bad:
+    raise ValueError(
+        f"the `static_argnums` argument to {_API} is out of range for `{name}`: got "
+        f"{nums!r}, but `{name}{sig}` takes {n} positional arguments counting "
+        f"`self` as 0. Use indices in [1, {n}).")

@@ -1,0 +1,223 @@
+"""``remat.nnx.checkpoint``: ``flax.nnx.remat`` built on ``remat.checkpoint``.
+
+``nnx.remat`` (graph mode) is ``jax.checkpoint`` between
+``flax.nnx.transforms.general.split_inputs`` and ``merge_inputs``: the modules
+among the arguments are split into a graph definition and their state (a
+pytree of arrays) before the transform, merged back into modules inside it,
+and the state the function changed (``BatchStat`` updates, RNG counters) comes
+out as an output and is written back once. We put ``remat.checkpoint`` in the
+middle. The RNG stream's key and count are inputs, so the recomputation in the
+backward pass draws the same dropout masks, and the count advances exactly
+once, as without checkpointing.
+
+The core transform knows nothing of Flax; all Flax code is here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.nnx import graphlib
+from flax.nnx.transforms import general
+from flax.nnx.transforms.transforms import resolve_kwargs
+
+from remat._src import transform as transform_lib
+from remat._src import typing as rt
+
+_API = "`remat.nnx.checkpoint`"
+_CTXTAG = "remat"
+
+
+### Main API
+
+
+def checkpoint(
+    f: rt.F | None = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    policy: Callable[..., bool] | None = None,
+    offload: Any = None,
+    prevent_cse: bool = True,
+) -> rt.F:
+  """Checkpoints a function of NNX modules; a drop-in for ``flax.nnx.remat``.
+
+  Use it on a function whose arguments include ``nnx.Module`` objects, or as a
+  method decorator (``@remat.nnx.checkpoint`` on ``__call__``). Under
+  ``nnx.grad``/``jax.grad`` only the inputs and the modules' state are kept;
+  the backward pass recomputes the rest with :func:`remat.checkpoint`.
+
+  * ``nnx.Dropout`` with ``nnx.Rngs``: the recomputation uses the same key, and
+    the stream's count advances exactly as without checkpointing, so the next
+    call draws fresh masks.
+  * ``BatchStat`` (``nnx.BatchNorm`` running statistics) and other state the
+    function changes are written back once, from the forward pass.
+  * Works under ``nnx.jit``, ``nnx.grad``, ``nnx.scan`` and ``jax.jit``. On
+    XLA:CPU compile with ``remat.jit``, otherwise the CPU compiler undoes the
+    saving.
+
+  Args:
+    f: the function (or unbound method) to checkpoint. May be omitted to use
+      ``remat.nnx.checkpoint(static_argnums=...)`` as a decorator factory.
+    static_argnums: positions of static arguments of ``f`` (for a method,
+      ``self`` is 0), as in ``nnx.remat``. Python ``bool``, ``str`` and
+      ``None`` arguments are static without being listed (so a
+      ``deterministic=`` flag works).
+    policy: optional ``jax.checkpoint_policies`` policy naming intermediates to
+      keep; passed to :func:`remat.checkpoint`.
+    offload: optional ``remat.offload`` policy, passed to
+      :func:`remat.checkpoint`.
+    prevent_cse: passed to :func:`remat.checkpoint`.
+
+  Returns:
+    The checkpointed function, with ``f``'s name and docstring.
+
+  Raises:
+    TypeError: if ``f`` is not callable (for example a Module instance's bound
+      method or a Module class), ``static_argnums`` is not an int or tuple of
+      ints, or at call time a static argument is an array or a Module.
+    ValueError: if a static argument index is out of range.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat
+    >>> from flax import nnx
+    >>> class Block(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.dense = nnx.Linear(4, 4, rngs=rngs)
+    ...     self.drop = nnx.Dropout(0.5, rngs=rngs)
+    ...   @remat.nnx.checkpoint
+    ...   def __call__(self, x):
+    ...     return self.drop(jnp.tanh(self.dense(x)))
+    >>> block = Block(nnx.Rngs(0, dropout=1))
+    >>> grads = nnx.grad(lambda m, x: m(x).sum())(block, jnp.ones((2, 4)))
+    >>> grads["dense"]["kernel"].shape
+    (4, 4)
+  """
+  nums = _check_static_argnums(static_argnums)
+  transform_lib._validate_options(static_argnums=(), policy=policy, offload=offload,
+                                  prevent_cse=prevent_cse, check_determinism=False)
+  if f is None:
+    return functools.partial(checkpoint, static_argnums=nums, policy=policy,  # type: ignore[return-value]
+                             offload=offload, prevent_cse=prevent_cse)
+  _check_callable(f)
+  _check_static_in_range(nums, f)
+  options = dict(policy=policy, offload=offload, prevent_cse=prevent_cse)
+
+  @functools.wraps(f)
+  def checkpointed(*args, **kwargs):
+    if kwargs:
+      args = tuple(resolve_kwargs(f, args, kwargs))
+    static = set()
+    for i in nums:
+      j = i + len(args) if i < 0 else i
+      if not 0 <= j < len(args):
+        raise ValueError(
+            f"the `static_argnums` argument to {_API} is out of range: index {i} for a "
+            f"call of `{_name(f)}` with {len(args)} positional arguments.")
+      if _has_array(args[j]) or _has_module(args[j]):
+        raise TypeError(
+            f"{_API}: `static_argnums` includes position {i} of `{_name(f)}`, but the "
+            f"argument there is {_describe(args[j])}. Static arguments must be hashable "
+            "Python values; drop this index from `static_argnums` (arrays and modules "
+            "are passed as traced state).")
+      static.add(j)
+    static |= {i for i, a in enumerate(args) if _auto_static(a)}
+    return _transformed(f, tuple(sorted(static)), **options)(*args)
+
+  return checkpointed  # type: ignore[return-value]
+
+
+### Implementation
+
+
+def _transformed(f, static, *, policy, offload, prevent_cse):
+  """``nnx.remat``'s composition with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
+  inner = transform_lib.checkpoint(
+      general.merge_inputs(f, ctxtag=_CTXTAG), static_argnums=static, policy=policy,
+      offload=offload, prevent_cse=prevent_cse)
+  return graphlib.update_context(_CTXTAG)(general.split_inputs(inner, ctxtag=_CTXTAG))
+
+
+def _name(f) -> str:
+  return getattr(f, "__qualname__", None) or getattr(f, "__name__", repr(f))
+
+
+def _auto_static(x) -> bool:
+  return x is None or isinstance(x, (bool, str))
+
+
+def _has_array(x) -> bool:
+  return any(isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer))
+             for leaf in jax.tree_util.tree_leaves(x))
+
+
+def _has_module(x) -> bool:
+  return any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree_util.tree_leaves(
+      x, is_leaf=lambda y: isinstance(y, (nnx.Module, nnx.Variable))))
+
+
+def _describe(x) -> str:
+  if isinstance(x, nnx.Module):
+    return f"an `{type(x).__name__}` module"
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]
+  if len(leaves) == 1:
+    leaf = leaves[0]
+    return f"an array {getattr(leaf.dtype, 'name', leaf.dtype)}{list(leaf.shape)}"
+  return f"a pytree with {len(leaves)} arrays"
+
+
+def _check_callable(f):
+  if isinstance(f, type) and issubclass(f, nnx.Module):
+    raise TypeError(
+        f"{_API} expects a function or an unbound method, but got the Module class "
+        f"`{f.__name__}`. Decorate its `__call__` (`@remat.nnx.checkpoint` in the class "
+        "body), or wrap a function: `remat.nnx.checkpoint(lambda m, x: m(x))`. For "
+        "linen Module classes use `remat.linen.checkpoint`.")
+  if not callable(f):
+    raise TypeError(
+        f"{_API} expects a callable (a function of NNX modules or an unbound method), "
+        f"but got {f!r} of type {type(f).__name__}.")
+  if inspect.ismethod(f) and isinstance(f.__self__, nnx.Module):
+    raise TypeError(
+        f"{_API} got the bound method `{_name(f)}` of a Module instance; NNX transforms "
+        "need the module as an argument so its state can be tracked. Wrap the unbound "
+        f"function instead: `remat.nnx.checkpoint(type(m).{f.__name__})(m, ...)` or "
+        "`remat.nnx.checkpoint(lambda m, x: m(x))(m, x)`.")
+  if isinstance(f, nnx.Module):
+    raise TypeError(
+        f"{_API} got a Module instance of `{type(f).__name__}`; wrap a function of it "
+        "instead: `remat.nnx.checkpoint(lambda m, x: m(x))(module, x)`.")
+
+
+def _check_static_argnums(static_argnums) -> tuple[int, ...]:
+  if isinstance(static_argnums, (int, np.integer)) and not isinstance(static_argnums, bool):
+    static_argnums = (static_argnums,)
+  ok = isinstance(static_argnums, Iterable) and not isinstance(static_argnums, (str, bytes))
+  nums = tuple(static_argnums) if ok else ()
+  if not ok or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums):
+    raise TypeError(
+        f"the `static_argnums` argument to {_API} must be an int or a tuple of ints, "
+        f"but got {static_argnums!r}. For a method `__call__(self, x, train)` use "
+        "`static_argnums=(2,)`.")
+  return tuple(int(i) for i in nums)
+
+
+def _check_static_in_range(nums, f):
+  try:
+    sig = inspect.signature(f)
+  except (TypeError, ValueError):
+    return
+  params = list(sig.parameters.values())
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return
+  n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+  bad = [i for i in nums if not -n <= i < n]
+  if bad:
+    raise ValueError(
+        f"the `static_argnums` argument to {_API} is out of range: got {nums!r}, but "
+        f"`{_name(f)}{sig}` takes {n} positional arguments. Use indices in [{-n}, {n}).")
