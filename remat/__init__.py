@@ -1,6 +1,6 @@
 """remat: activation checkpointing (rematerialization) for JAX and Flax."""
 
-from remat import rng
+from remat import linen, nnx, rng
 from remat._src.compile import compiler_options, jit
 from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.transform import RecomputationMismatchError, checkpoint
@@ -14,6 +14,8 @@ __all__ = [
     "checkpoint",
     "compiler_options",
     "jit",
+    "linen",
+    "nnx",
     "profile",
     "rng",
     "saved_residuals",
