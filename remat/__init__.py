@@ -1,6 +1,6 @@
 """remat: activation checkpointing (rematerialization) for JAX and Flax."""
 
-from remat import linen, nnx, rng
+from remat import linen, nnx, offload, rng
 from remat._src.compile import compiler_options, jit
 from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.transform import RecomputationMismatchError, checkpoint
@@ -16,6 +16,7 @@ __all__ = [
     "jit",
     "linen",
     "nnx",
+    "offload",
     "profile",
     "rng",
     "saved_residuals",

@@ -1,0 +1,376 @@
+"""Host offload of checkpoint residuals on XLA memory kinds.
+
+A value placed in ``pinned_host`` inside a jitted program (``jax.device_put(x,
+jax.memory.Space.Host)``) is copied to host memory when it is produced and
+brought back (``jax.memory.Space.Device``) where the backward pass needs it;
+XLA overlaps both copies with compute. ``remat.checkpoint(fn,
+offload=remat.offload.host())`` does this for the values the checkpoint keeps:
+its activation inputs (``policy=None``) or the intermediates a jax policy saves.
+
+``jax.memory.Space.Host`` keeps the value's sharding, so offloaded residuals of
+a sharded model stay sharded (each device offloads its own shard).
+
+XLA:CPU accepts memory-kind placements but executes no move (its lowering drops
+them: DESIGN.md, fact 5); :func:`supported` says so and the policy warns once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HOST = jax.memory.Space.Host
+_DEVICE = jax.memory.Space.Device
+_API = "`remat.offload.host`"
+
+# One-direction host<->device bandwidth in bytes/s (pinned memory), by backend.
+# Rough, documented assumptions for planning; measure yours and pass `bandwidth=`.
+#   gpu: PCIe 5.0 x16 (H100/H200 class hosts) moves about 50 GB/s per direction
+#        with pinned buffers (PCIe 4.0 hosts: about 25 GB/s; NVLink-C2C much more).
+#   tpu: a PCIe 4.0 x16-class host link per chip, about 25 GB/s.
+#   cpu: nothing moves (see `supported`); a memcpy-class figure for modelling only.
+DEFAULT_BANDWIDTH: dict[str, float] = {"gpu": 50e9, "tpu": 25e9, "cpu": 10e9}
+# Fixed cost of one transfer (DMA setup and synchronisation), in seconds.
+DEFAULT_LATENCY_S = 10e-6
+# Below this size a move costs more in fixed latency than it frees: at 50 GB/s
+# 64 KiB take 1.3 µs, a fraction of the ~10 µs fixed cost of a transfer.
+DEFAULT_MIN_BYTES = 1 << 16
+
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+class OffloadNotExecutedWarning(UserWarning):
+  """The backend accepts host placements but does not move anything (XLA:CPU)."""
+
+
+_WARNED: set[str] = set()  # platforms already warned about (warn once per process)
+
+
+### Public API
+
+
+def supported(device: jax.Device | str | None = None) -> bool:
+  """Whether ``device`` executes memory-kind moves to ``pinned_host``.
+
+  GPU and TPU devices do. XLA:CPU lists a ``pinned_host`` memory and accepts
+  the placements, but its lowering drops them: nothing moves and device memory
+  is not reduced (results are still exact).
+
+  Args:
+    device: a ``jax.Device``, a platform name (``"cpu"``, ``"gpu"``, ``"cuda"``,
+      ``"tpu"``), or ``None`` for ``jax.devices()[0]``.
+
+  Returns:
+    ``True`` if offloaded values really move to host memory on that device.
+
+  Raises:
+    TypeError: if ``device`` is neither a device, a string nor ``None``.
+
+  Example:
+
+    >>> import jax, remat
+    >>> remat.offload.supported("cpu")
+    False
+    >>> remat.offload.supported("tpu")
+    True
+  """
+  if isinstance(device, str):
+    return _platform(device) in ("gpu", "tpu")
+  if device is None:
+    device = jax.devices()[0]
+  if not isinstance(device, jax.Device):
+    raise TypeError(
+        f"`remat.offload.supported` expects a `jax.Device`, a platform name or None, "
+        f"but got {device!r} of type {type(device).__name__}.")
+  if _platform(device.platform) not in ("gpu", "tpu"):
+    return False
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception:  # noqa: BLE001 - runtimes without memories API: no offload
+    return False
+  return "pinned_host" in kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class HostOffload:
+  """Moves checkpoint residuals to ``pinned_host`` memory; build with :func:`host`.
+
+  Attributes:
+    argnums: positions (in the call of the checkpointed function) of the
+      arguments that hold activations to move, or ``None`` for every dynamic
+      argument, keyword arguments included. Closed-over values are never moved.
+    min_bytes: values smaller than this stay in device memory.
+    bandwidth: assumed one-direction host link bandwidth in bytes/s, or
+      ``None`` for the backend default (``DEFAULT_BANDWIDTH``).
+    latency: assumed fixed cost of one transfer, in seconds.
+  """
+
+  argnums: tuple[int, ...] | None = None
+  min_bytes: int = DEFAULT_MIN_BYTES
+  bandwidth: float | None = None
+  latency: float = DEFAULT_LATENCY_S
+
+  def __post_init__(self):
+    argnums = self.argnums
+    if argnums is not None:
+      if _is_int(argnums):
+        argnums = (int(argnums),)
+      try:
+        argnums = tuple(argnums)
+      except TypeError:
+        argnums = None
+      if argnums is None or not all(_is_int(i) and i >= 0 for i in argnums):
+        raise TypeError(
+            f"the `argnums` argument to {_API} must be None, a non-negative int or a "
+            f"tuple of them, but got {self.argnums!r}. Pass the positions of the "
+            "activation arguments, e.g. `argnums=(1,)` for `block(params, x)`.")
+      object.__setattr__(self, "argnums", tuple(sorted({int(i) for i in argnums})))
+    if not _is_int(self.min_bytes) or self.min_bytes < 0:
+      raise TypeError(
+          f"the `min_bytes` argument to {_API} must be a non-negative int, but got "
+          f"{self.min_bytes!r}. Use 0 to move every residual.")
+    object.__setattr__(self, "min_bytes", int(self.min_bytes))
+    if self.bandwidth is not None:
+      if not _is_real(self.bandwidth) or not math.isfinite(self.bandwidth) or self.bandwidth <= 0:
+        raise ValueError(
+            f"the `bandwidth` argument to {_API} must be None or a positive, finite "
+            f"number of bytes per second, but got {self.bandwidth!r}, e.g. "
+            "`bandwidth=25e9` for a PCIe 4.0 x16 link.")
+      object.__setattr__(self, "bandwidth", float(self.bandwidth))
+    if not _is_real(self.latency) or not math.isfinite(self.latency) or self.latency < 0:
+      raise ValueError(
+          f"the `latency` argument to {_API} must be a non-negative number of "
+          f"seconds, but got {self.latency!r}.")
+    object.__setattr__(self, "latency", float(self.latency))
+
+  # -- Cost model, for planners --------------------------------------------
+
+  def link_bandwidth(self, backend: str | None = None) -> float:
+    """The assumed one-direction host link bandwidth in bytes/s on ``backend``."""
+    if self.bandwidth is not None:
+      return self.bandwidth
+    return DEFAULT_BANDWIDTH.get(_platform(backend or jax.default_backend()), DEFAULT_BANDWIDTH["gpu"])
+
+  def transfer_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
+    """Assumed time to move ``nbytes`` one way (device to host, or back).
+
+    Args:
+      nbytes: bytes to move.
+      backend: platform whose default bandwidth applies when ``bandwidth`` is
+        unset; default ``jax.default_backend()``.
+
+    Returns:
+      ``latency + nbytes / bandwidth`` seconds (0 for ``nbytes <= 0``). A
+      training step pays it twice per value: use :meth:`round_trip_seconds`.
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host(bandwidth=1e9, latency=0.0).transfer_seconds(5e8)
+      0.5
+    """
+    if nbytes <= 0:
+      return 0.0
+    return self.latency + float(nbytes) / self.link_bandwidth(backend)
+
+  def round_trip_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
+    """Time to move ``nbytes`` to host in the forward pass and back in the backward."""
+    return 2.0 * self.transfer_seconds(nbytes, backend=backend)
+
+  def worth_moving(self, nbytes: int) -> bool:
+    """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``)."""
+    return nbytes > 0 and nbytes >= self.min_bytes
+
+  def moves_input(self, origin: int | str | None) -> bool:
+    """Whether an input leaf from ``origin`` (a position, a keyword, or ``None``
+    for a closed-over value) is an activation this policy moves."""
+    if origin is None:
+      return False
+    if self.argnums is None:
+      return True
+    return isinstance(origin, int) and origin in self.argnums
+
+  # -- Hooks called by `remat.checkpoint` ----------------------------------
+
+  def to_host(self, res: Any, *, inputs: Sequence[Any] = (),
+              origins: Sequence[int | str | None] | None = None) -> Any:
+    """Places the residual leaves that are activations in ``pinned_host``.
+
+    Called in the forward pass of ``remat.checkpoint``. A leaf that is one of
+    ``inputs`` is moved if :meth:`moves_input` accepts its origin; any other
+    leaf (an intermediate a jax policy saved) is moved. Leaves below
+    ``min_bytes``, PRNG keys and values already on host stay where they are.
+    With ``origins=None`` every leaf counts as an activation.
+
+    Returns:
+      A pytree that :meth:`to_device` turns back into ``res``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(res)
+    by_id: dict[int, int | str | None] = {}
+    if origins is not None:
+      for x, o in zip(inputs, origins, strict=True):
+        by_id.setdefault(id(x), o)
+    moved: dict[int, Any] = {}
+    out, mask = [], []
+    for x in leaves:
+      wanted = self.moves_input(by_id[id(x)]) if id(x) in by_id else True
+      if wanted and _movable(x) and self.worth_moving(_nbytes(x)):
+        if id(x) not in moved:
+          moved[id(x)] = jax.device_put(x, _HOST)
+        out.append(moved[id(x)])
+        mask.append(True)
+      else:
+        out.append(x)
+        mask.append(False)
+    if moved:
+      _warn_if_not_executed(len(moved), sum(_nbytes(x) for x in moved.values()))
+    return _Offloaded(out, treedef, tuple(mask))
+
+  def to_device(self, res: Any) -> Any:
+    """Brings back what :meth:`to_host` moved (called in the backward pass)."""
+    if not isinstance(res, _Offloaded):
+      raise TypeError(
+          f"{_API}: the residuals given to `to_device` were not produced by "
+          f"`to_host` (got {type(res).__name__}). Call both hooks as "
+          "`remat.checkpoint` does.")
+    leaves = [jax.device_put(x, _DEVICE) if m else x for x, m in zip(res.leaves, res.mask, strict=True)]
+    return jax.tree_util.tree_unflatten(res.treedef, leaves)
+
+
+def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT_MIN_BYTES,
+         bandwidth: float | None = None, latency: float = DEFAULT_LATENCY_S) -> HostOffload:
+  """An offload policy that keeps checkpoint residuals in host memory (``pinned_host``).
+
+  Pass it as ``remat.checkpoint(fn, offload=remat.offload.host(...))``. In the
+  forward pass the values the checkpoint keeps are copied to host memory; in
+  the backward pass they are copied back, before the recomputation. With
+  ``policy=None`` those values are the function's inputs: the activations
+  among them move, parameters do not. Parameters stay resident anyway, so
+  moving them would free nothing: pass them by closure (closed-over values
+  never move) or leave their positions out of ``argnums``. With a jax
+  ``policy=``, the intermediates it saves move too.
+
+  On a backend that does not execute memory-kind moves (XLA:CPU, see
+  :func:`supported`) the placements are still written into the program, the
+  results are exact, nothing moves, and an ``OffloadNotExecutedWarning`` is
+  issued once.
+
+  Args:
+    argnums: positions of the checkpointed function's arguments that hold
+      activations (``argnums=1`` for ``block(params, x)``), or ``None`` to move
+      every dynamic argument (keyword arguments included).
+    min_bytes: values smaller than this are not worth a transfer and stay on
+      device (default 64 KiB; 0 moves everything).
+    bandwidth: one-direction host link bandwidth in bytes/s assumed by
+      :meth:`HostOffload.transfer_seconds`; ``None`` uses a per-backend default
+      (gpu 50e9, tpu 25e9, cpu 10e9).
+    latency: fixed cost of one transfer in seconds, for the same cost model.
+
+  Returns:
+    A frozen, hashable :class:`HostOffload`.
+
+  Raises:
+    TypeError: if ``argnums`` is not None or non-negative ints, or ``min_bytes``
+      is not a non-negative int.
+    ValueError: if ``bandwidth`` or ``latency`` is not a positive (non-negative)
+      finite number.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat, warnings
+    >>> block = lambda w, x: jnp.tanh(jnp.tanh(x @ w) @ w)
+    >>> ck = remat.checkpoint(block, offload=remat.offload.host(argnums=1, min_bytes=0))
+    >>> w, x = jnp.eye(3), jnp.ones((2, 3))
+    >>> with warnings.catch_warnings():
+    ...   warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
+    ...   g = jax.grad(lambda w: ck(w, x).sum())(w)
+    >>> bool(jnp.allclose(g, jax.grad(lambda w: block(w, x).sum())(w)))
+    True
+  """
+  return HostOffload(argnums=argnums, min_bytes=min_bytes, bandwidth=bandwidth, latency=latency)  # type: ignore[arg-type]
+
+
+### Implementation
+
+
+def validate_offload(offload: Any, *, api: str) -> None:
+  """Raises a TypeError if ``offload`` is not an offload policy (called at build time)."""
+  if isinstance(offload, HostOffload):
+    return
+  hint = ""
+  if offload is host or offload is HostOffload:
+    hint = " You passed the factory itself; call it: `offload=remat.offload.host()`."
+  elif isinstance(offload, str):
+    hint = " Memory kinds are chosen by the policy; use `offload=remat.offload.host()`."
+  raise TypeError(
+      f"the `offload` argument to {api} must be None or a `remat.offload` policy such as "
+      f"`remat.offload.host()`, but got {offload!r} of type {type(offload).__name__}.{hint}")
+
+
+@jax.tree_util.register_pytree_node_class
+class _Offloaded:
+  """Residual leaves plus which of them are on host (static), so the backward
+  pass moves back exactly what the forward pass moved."""
+
+  def __init__(self, leaves, treedef, mask):
+    self.leaves = list(leaves)
+    self.treedef = treedef
+    self.mask = mask
+
+  def tree_flatten(self):
+    return self.leaves, (self.treedef, self.mask)
+
+  @classmethod
+  def tree_unflatten(cls, aux, leaves):
+    return cls(leaves, *aux)
+
+
+def _platform(name: str) -> str:
+  name = name.lower()
+  return _PLATFORM_ALIASES.get(name, name)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _movable(x) -> bool:
+  if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+    return False
+  if x.dtype == jax.dtypes.float0 or jnp.issubdtype(x.dtype, jax.dtypes.extended):
+    return False  # PRNG keys and other extended dtypes: tiny, and not placeable everywhere
+  space = getattr(jax.typeof(x), "memory_space", _DEVICE)
+  return space != _HOST
+
+
+def _nbytes(x) -> int:
+  return int(np.prod(x.shape, dtype=np.int64)) * int(np.dtype(x.dtype).itemsize)
+
+
+def _warn_if_not_executed(count: int, nbytes: int) -> None:
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return
+  platform = _platform(device.platform)
+  if supported(device) or platform in _WARNED:
+    return
+  _WARNED.add(platform)
+  warnings.warn(
+      f"{_API}: the {platform!r} backend does not execute memory-kind moves. XLA:{platform.upper()} "
+      f"accepts the `pinned_host` placements but drops them, so the {count} residual(s) "
+      f"({nbytes:,} bytes in this trace) marked for offload stay in device memory. Results are "
+      "exact; device memory is not reduced. On GPU and TPU they move to host memory "
+      "(`remat.offload.supported()` tells which); to inspect the GPU program from here, lower "
+      "it with `jax.export.export(jax.jit(f), platforms=['cuda'])`. This warning is shown once.",
+      OffloadNotExecutedWarning, stacklevel=4)
