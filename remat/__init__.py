@@ -1,13 +1,16 @@
 """remat: activation checkpointing (rematerialization) for JAX and Flax."""
 
-from remat import linen, nnx, offload, rng
+from remat import linen, nnx, offload, rng, segmenters
 from remat._src.compile import compiler_options, jit
+from remat._src.plan import Plan
 from remat._src.profile import Profile, Residual, profile, saved_residuals
+from remat._src.sequential import sequential
 from remat._src.transform import RecomputationMismatchError, checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Plan",
     "Profile",
     "RecomputationMismatchError",
     "Residual",
@@ -20,4 +23,6 @@ __all__ = [
     "profile",
     "rng",
     "saved_residuals",
+    "segmenters",
+    "sequential",
 ]

@@ -1,0 +1,130 @@
+"""Per-layer costs measured from XLA: boundary bytes, kept bytes, transient bytes, flops.
+
+Residual sizes read from the jaxpr mislead (XLA fuses elementwise chains and
+drops duplicated values; DESIGN.md fact 7). Each *distinct* layer (same
+computation, same shapes) is calibrated with two tiny compiles of its
+training step, compiled as ``remat.jit`` would:
+
+* the layer alone: temp ``T1`` (its residuals and its working set; its input
+  is an argument, so it is not counted);
+* the layer twice in a row: temp ``T2``. ``T2 - T1`` is what one more taped
+  layer keeps (``kept_bytes``, the intermediate activation included); the
+  rest of ``T1`` is the transient working set (``transient_bytes``).
+
+Results are cached by the layer's jaxpr (which includes the shapes), so a
+stack of identical blocks costs two compiles, once per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from remat._src import profile as profile_lib
+from remat._src.plan import LayerCost, layer_callers, tree_bytes
+
+_CACHE: dict[Any, tuple[int, int, float, float]] = {}
+
+
+def spec(tree):
+  """``jax.ShapeDtypeStruct`` of every array leaf (tracers included); other leaves unchanged."""
+  def one(a):
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+      return jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return a
+  return jax.tree_util.tree_map(one, tree)
+
+
+def loss_of(y):
+  """Sum of every float leaf of ``y`` (a scalar to differentiate)."""
+  leaves = [jnp.sum(a.astype(jnp.float32)) for a in jax.tree_util.tree_leaves(y)
+            if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
+  return functools.reduce(jnp.add, leaves, jnp.float32(0))
+
+
+def step_of(fn: Callable) -> Callable:
+  """``value_and_grad`` of ``loss_of(fn(params, x, key))`` w.r.t. params and ``x``."""
+  def step(params, x, key):
+    return jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
+  return step
+
+
+def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
+                  key: Any = None) -> tuple[LayerCost, ...]:
+  """Measures each layer's :class:`LayerCost` from XLA for these shapes.
+
+  Args:
+    layers: the chain, ``layer(p, x)`` or ``layer(p, x, key)`` functions.
+    params: one parameter pytree per layer.
+    x: the chain input (an array, a tracer or a ``jax.ShapeDtypeStruct``).
+    key: an optional PRNG key (or its spec); layer ``i`` is calibrated with it.
+
+  Returns:
+    A tuple of :class:`LayerCost`, one per layer.
+
+  Raises:
+    ValueError: if ``layers`` and ``params`` differ in length.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat
+    >>> layer = lambda w, x: jnp.tanh(x @ w)
+    >>> w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    >>> x = jax.ShapeDtypeStruct((128, 64), jnp.float32)
+    >>> c = remat.segmenters.measure_costs([layer] * 3, [w] * 3, x)
+    >>> c[0].input_bytes, c[0].kept_bytes
+    (32768, 32768)
+  """
+  if len(layers) != len(params):
+    raise ValueError(
+        f"`remat.segmenters.measure_costs` got {len(layers)} layers but {len(params)} parameter "
+        "entries; pass one parameter pytree per layer (an empty tuple for parameterless layers).")
+  callers = layer_callers(layers)
+  x_spec, key_spec = spec(x), spec(key)
+  out = []
+  for f, p in zip(callers, params, strict=True):
+    p_spec = spec(p)
+    y_spec = jax.eval_shape(f, p_spec, x_spec, key_spec)
+    kept, transient, flops, step_flops = _layer_costs(f, p_spec, x_spec, key_spec, y_spec)
+    out.append(LayerCost(input_bytes=tree_bytes(x_spec), output_bytes=tree_bytes(y_spec),
+                         kept_bytes=kept, transient_bytes=transient, flops=flops,
+                         step_flops=step_flops))
+    x_spec = y_spec
+  return tuple(out)
+
+
+def _same_structure(a, b) -> bool:
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  return ta == tb and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(la, lb, strict=True))
+
+
+def layer_cache_key(f, p_spec, x_spec, key_spec):
+  """A key that identifies a layer's computation at these shapes: its jaxpr text."""
+  return str(jax.make_jaxpr(f)(p_spec, x_spec, key_spec))
+
+
+def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
+  ck = layer_cache_key(f, p_spec, x_spec, key_spec)
+  if ck in _CACHE:
+    return _CACHE[ck]
+  one = profile_lib.profile(step_of(f), p_spec, x_spec, key_spec)
+  fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
+  if _same_structure(x_spec, y_spec):
+    twice = lambda p, x, k: f(p, f(p, x, k), k)
+    two = profile_lib.profile(step_of(twice), p_spec, x_spec, key_spec)
+    kept = max(two.temp_bytes - one.temp_bytes, 0)
+  else:
+    # A layer that changes the activation's shape cannot be repeated: estimate
+    # what it keeps as its output plus the non-argument residuals jax lists.
+    res = profile_lib.saved_residuals(lambda p, x: loss_of(f(p, x, key_spec)), p_spec, x_spec)
+    kept = tree_bytes(y_spec) + sum(r.bytes for r in res if "argument" not in r.source)
+    kept = min(kept, one.temp_bytes)
+  transient = max(one.temp_bytes - kept, 0)
+  flops = fwd.flops if fwd.flops == fwd.flops else 0.0
+  step_flops = one.flops if one.flops == one.flops else 3.0 * flops
+  _CACHE[ck] = (int(kept), int(transient), float(flops), float(step_flops))
+  return _CACHE[ck]

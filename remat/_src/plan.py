@@ -1,0 +1,341 @@
+"""``Plan``: a checkpointing schedule as data, its predicted cost, and how to apply it.
+
+A plan is a tree of :class:`Segment`s over a chain of ``num_layers`` layers.
+A segment covers the layers ``[start, stop)``. It either runs its layers
+*taped* (plain backprop inside: every layer keeps its residuals), or runs its
+``children`` in order. A segment with ``checkpoint=True`` is wrapped in
+``remat.checkpoint``: its forward pass keeps only its input, and its backward
+pass recomputes the inside (with the inside's own structure, so checkpoints
+nest).
+
+Cost model (the definitions every number of a plan follows):
+
+* ``forward_evaluations``: layer forward calls in one training step
+  (``jax.value_and_grad`` of a loss of the chain output), the taped forward
+  included. A checkpointed segment costs its layers once in the forward pass
+  (without tape) and again, with its own structure, in the backward pass.
+  (With ``jax.grad`` alone, XLA may drop the forward of the last checkpointed
+  segment as dead code; the definition uses ``value_and_grad``.)
+* ``stored_states``: the most layer-boundary activations held for the backward
+  pass at once -- inputs of checkpointed segments and of taped layers, the
+  chain input included -- not counting the input of the one layer being
+  differentiated at that moment (the working state). This is
+  Griewank--Walther's count of checkpoint slots.
+* bytes: with measured per-layer costs (:class:`LayerCost`), a taped layer
+  keeps ``kept_bytes`` until its backward and needs ``transient_bytes`` more
+  while its forward or backward runs; a checkpointed segment keeps its input
+  (free when that activation is already held: the chain input, which is an
+  argument, or the input of an enclosing checkpoint); a forward pass without
+  tape holds a layer's input and output. ``predicted_peak_bytes`` is the peak
+  of that simulation: a prediction of ``remat.profile(step).temp_bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+
+from remat._src import rng as rng_lib
+from remat._src import transform
+
+### Data
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """Measured (or assumed) costs of one layer of a chain.
+
+  Attributes:
+    input_bytes: bytes of the layer's input activation (a layer boundary).
+    output_bytes: bytes of its output activation.
+    kept_bytes: what one more *taped* layer adds to the memory held for the
+      backward pass (its residuals, measured as a difference of two compiles).
+    transient_bytes: the extra working memory while its forward or backward
+      runs (buffers that die inside the layer, cotangents).
+    flops: forward flops.
+    step_flops: flops of its taped forward plus its backward.
+  """
+
+  input_bytes: int
+  output_bytes: int
+  kept_bytes: int
+  transient_bytes: int
+  flops: float
+  step_flops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Layers ``[start, stop)`` run taped (no ``children``) or as ``children`` in order.
+
+  Attributes:
+    start: first layer.
+    stop: one past the last layer.
+    children: sub-segments covering ``[start, stop)`` in order; empty means
+      every layer in the range runs taped.
+    checkpoint: wrap this segment in ``remat.checkpoint`` (keep its input,
+      recompute inside in the backward pass).
+  """
+
+  start: int
+  stop: int
+  children: tuple[Segment, ...] = ()
+  checkpoint: bool = False
+
+  def __post_init__(self):
+    if not 0 <= self.start < self.stop:
+      raise ValueError(f"a `remat.Segment` needs 0 <= start < stop, but got [{self.start}, {self.stop}).")
+    if self.children:
+      edges = [self.start] + [c.stop for c in self.children]
+      starts = [c.start for c in self.children]
+      if starts != edges[:-1] or edges[-1] != self.stop:
+        raise ValueError(
+            f"the children of `remat.Segment` [{self.start}, {self.stop}) must tile it in order, "
+            f"but got {[(c.start, c.stop) for c in self.children]}.")
+
+  @property
+  def size(self) -> int:
+    return self.stop - self.start
+
+  def lines(self, indent: int = 0) -> list[str]:
+    pad = "  " * indent
+    what = "checkpoint" if self.checkpoint else ("tape" if not self.children else "segment")
+    rng = f"[{self.start}, {self.stop})" if self.size > 1 else f"[{self.start}]"
+    out = [f"{pad}{what} {rng}"]
+    for c in self.children:
+      out += c.lines(indent + 1)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A checkpointing schedule for a chain of layers, with its predicted cost.
+
+  Attributes:
+    root: the outermost :class:`Segment` (covers the whole chain, never
+      checkpointed itself).
+    num_layers: length of the chain.
+    forward_evaluations: layer forward calls in one ``value_and_grad`` step,
+      the taped forward included.
+    stored_states: the most boundary activations held at once, chain input
+      included, working state excluded (Griewank--Walther slots).
+    predicted_peak_bytes: predicted compiled temp memory of the step, or
+      ``None`` when the costs carry no bytes.
+    predicted_flops: predicted flops of the step (forward + backward +
+      recomputation), or ``None`` when unknown.
+    segmenter: a description of what made the plan.
+    compiled_temp_bytes: the compiled temp memory of the step when the plan
+      was verified by compiling it (``budget``), else ``None``.
+  """
+
+  root: Segment
+  num_layers: int
+  forward_evaluations: int
+  stored_states: int
+  predicted_peak_bytes: int | None
+  predicted_flops: float | None
+  segmenter: str = ""
+  compiled_temp_bytes: int | None = None
+
+  @property
+  def recomputed_evaluations(self) -> int:
+    """Forward evaluations beyond the ``num_layers`` of plain backprop."""
+    return self.forward_evaluations - self.num_layers
+
+  def __str__(self) -> str:
+    head = (f"Plan({self.segmenter or 'custom'}, {self.num_layers} layers): "
+            f"{self.forward_evaluations} forward evaluations, {self.stored_states} stored states")
+    if self.predicted_peak_bytes is not None:
+      head += f", predicted temp {_mib(self.predicted_peak_bytes)}"
+    if self.compiled_temp_bytes is not None:
+      head += f", compiled temp {_mib(self.compiled_temp_bytes)}"
+    if self.predicted_flops is not None:
+      head += f", {self.predicted_flops / 1e9:,.3f} GFLOP"
+    return "\n".join([head] + self.root.lines(1))
+
+
+def _mib(b) -> str:
+  return f"{b / 2**20:,.2f} MiB"
+
+
+### Evaluating a tree under the cost model
+
+
+def leaf(start: int, stop: int, checkpoint: bool = False) -> Segment:
+  return Segment(start, stop, (), checkpoint)
+
+
+def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int, segmenter: str,
+              compiled_temp_bytes: int | None = None) -> Plan:
+  """Evaluates ``root`` and returns the :class:`Plan`."""
+  if root.start != 0 or root.stop != num_layers or root.checkpoint:
+    raise ValueError(f"a plan's root must be an unchecked segment [0, {num_layers}), got {root}.")
+  sim = _Simulator(costs, num_layers)
+  sim.run(root)
+  return Plan(root=root, num_layers=num_layers, forward_evaluations=sim.evals,
+              stored_states=sim.max_states,
+              predicted_peak_bytes=None if costs is None or sim.unit else int(sim.peak),
+              predicted_flops=None if costs is None else float(sim.flops),
+              segmenter=segmenter, compiled_temp_bytes=compiled_temp_bytes)
+
+
+class _Simulator:
+  """Walks the schedule of a tree: evaluations, held boundary states, bytes, flops."""
+
+  def __init__(self, costs, n):
+    self.unit = costs is None
+    self.costs = costs
+    self.n = n
+    self.evals = 0
+    self.flops = 0.0
+    self.held = 0.0           # bytes held
+    self.peak = 0.0
+    self.states: dict[int, int] = {0: 1}  # boundary index -> holders; chain input held by the caller
+    self.max_states = 0
+
+  def _c(self, i) -> LayerCost:
+    return self.costs[i]
+
+  def _bump(self, extra=0.0):
+    self.peak = max(self.peak, self.held + extra)
+
+  def _hold_state(self, i):
+    self.states[i] = self.states.get(i, 0) + 1
+
+  def _drop_state(self, i):
+    self.states[i] -= 1
+    if not self.states[i]:
+      del self.states[i]
+
+  def _count_states(self, working=None):
+    n = len(self.states) - (1 if working in self.states else 0)
+    self.max_states = max(self.max_states, n)
+
+  def run(self, root: Segment):
+    keeps = self.taped(root)
+    self.backward(root, keeps)
+
+  # A boundary activation held by a checkpoint costs bytes unless it is already held.
+  def _state_bytes(self, i):
+    if self.unit or i in self.states:
+      return 0.0
+    return float(self._c(i).input_bytes)
+
+  def taped(self, seg: Segment):
+    """Forward under AD. Returns what the backward must release."""
+    if seg.checkpoint:
+      b = self._state_bytes(seg.start)
+      self.held += b
+      self._hold_state(seg.start)
+      for i in range(seg.start, seg.stop):   # forward without tape
+        self.evals += 1
+        if not self.unit:
+          c = self._c(i)
+          self.flops += c.flops
+          inp = 0.0 if i == seg.start else c.input_bytes
+          self._bump(inp + c.output_bytes)
+      self._count_states()
+      return ("ckpt", b)
+    if seg.children:
+      return ("seq", [self.taped(c) for c in seg.children])
+    kept = []
+    for i in range(seg.start, seg.stop):
+      self.evals += 1
+      self._hold_state(i)
+      self._count_states(working=i)
+      if not self.unit:
+        c = self._c(i)
+        self.flops += c.step_flops
+        self._bump(c.transient_bytes)
+        self.held += c.kept_bytes
+        kept.append(c.kept_bytes)
+    return ("tape", kept)
+
+  def backward(self, seg: Segment, keeps):
+    kind, data = keeps
+    if kind == "ckpt":
+      inner = dataclasses.replace(seg, checkpoint=False)
+      inner_keeps = self.taped(inner)
+      self.backward(inner, inner_keeps)
+      self.held -= data
+      self._drop_state(seg.start)
+      return
+    if kind == "seq":
+      for c, k in zip(reversed(seg.children), reversed(data), strict=True):
+        self.backward(c, k)
+      return
+    for j, i in enumerate(reversed(range(seg.start, seg.stop))):
+      self._count_states(working=i)
+      if not self.unit:
+        c = self._c(i)
+        self._bump(c.transient_bytes)
+        self.held -= data[len(data) - 1 - j]
+      self._drop_state(i)
+
+
+### Applying a plan
+
+
+def _takes_key(fn) -> bool:
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  n = 0
+  for p in sig.parameters.values():
+    if p.kind == p.VAR_POSITIONAL:
+      return True
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+      n += 1
+  return n >= 3
+
+
+def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
+  """``(p, x, key) -> y`` for every layer, whether or not it takes a key."""
+  out = []
+  for f in layers:
+    if _takes_key(f):
+      out.append(f)
+    else:
+      out.append(lambda p, x, key, f=f: f(p, x))
+  return out
+
+
+def build(seg: Segment, callers: Sequence[Callable]) -> Callable:
+  """The function ``(params_slice, x, keys_slice) -> y`` of a segment."""
+  if seg.children:
+    parts = [(c, build(c, callers)) for c in seg.children]
+
+    def run(ps, x, ks):
+      for c, f in parts:
+        a, b = c.start - seg.start, c.stop - seg.start
+        x = f(ps[a:b], x, ks[a:b])
+      return x
+  else:
+    def run(ps, x, ks):
+      for i in range(seg.start, seg.stop):
+        x = callers[i](ps[i - seg.start], x, ks[i - seg.start])
+      return x
+  run.__name__ = f"segment_{seg.start}_{seg.stop}"
+  if seg.checkpoint:
+    return transform.checkpoint(run)
+  return run
+
+
+def apply_plan(plan: Plan, layers: Sequence[Callable], params: Sequence[Any], x: Any,
+               key: Any = None) -> Any:
+  """Runs ``layers`` under ``plan``; layer ``i`` gets ``remat.rng.layer_key(key, i)``."""
+  if len(layers) != plan.num_layers or len(params) != plan.num_layers:
+    raise ValueError(
+        f"the plan is for {plan.num_layers} layers, but got {len(layers)} layers and "
+        f"{len(params)} parameter entries. Make a plan for this chain.")
+  keys = tuple(rng_lib.layer_key(key, i) for i in range(plan.num_layers))
+  return build(plan.root, layer_callers(layers))(tuple(params), x, keys)
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, "dtype") and hasattr(x, "size"))

@@ -1,0 +1,532 @@
+"""Segmenters: small hashable objects that turn a chain's costs into a :class:`Plan`.
+
+``every(k)``, ``sqrt()``, ``multilevel(levels)`` are uniform segmentations;
+``none()`` stores nothing (the quadratic extreme); ``revolve(slots)`` is
+Griewank--Walther's binomial optimum for uniform chains; ``budget(max_bytes)``
+is a Rotor-style dynamic program over nested segment trees that minimises
+recomputed flops subject to a predicted peak memory, using per-layer costs
+measured from XLA (``remat._src.costs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from remat._src.plan import LayerCost, Plan, Segment, leaf, make_plan
+
+Costs = int | Sequence[LayerCost] | Sequence[float]
+
+### Public segmenters
+
+
+@dataclasses.dataclass(frozen=True)
+class every:  # noqa: N801 - reads as a phrase: `segmenters.every(4)`
+  """Checkpoint every ``k`` consecutive layers (the last segment may be shorter).
+
+  Each segment keeps its input and recomputes its ``k`` layers once in the
+  backward pass: ``2 * D`` forward evaluations for ``D`` layers, about
+  ``D / k + k`` stored activations. ``every(1)`` is "checkpoint every block".
+
+  Args:
+    k: layers per segment, a positive int.
+
+  Raises:
+    ValueError: if ``k`` is not a positive int.
+
+  Example:
+
+    >>> import remat
+    >>> p = remat.segmenters.every(4).plan(16)
+    >>> p.forward_evaluations, p.stored_states
+    (32, 6)
+  """
+
+  k: int
+
+  def __post_init__(self):
+    _check_positive_int(self.k, "k", "remat.segmenters.every", "every(4)")
+
+  def plan(self, costs: Costs) -> Plan:
+    """Returns the :class:`Plan` for a chain (a number of layers or per-layer costs)."""
+    n, c = _normalize(costs, "every")
+    root = Segment(0, n, tuple(leaf(i, min(i + self.k, n), True) for i in range(0, n, self.k)))
+    return _finish(root, c, n, repr(self), costs)
+
+
+@dataclasses.dataclass(frozen=True)
+class sqrt:  # noqa: N801
+  """``every(ceil(sqrt(D)))``: about ``2 sqrt(D)`` stored activations, one extra forward pass.
+
+  Example:
+
+    >>> import remat
+    >>> remat.segmenters.sqrt().plan(64).stored_states
+    14
+  """
+
+  def plan(self, costs: Costs) -> Plan:
+    """Returns the :class:`Plan` for a chain (a number of layers or per-layer costs)."""
+    n, c = _normalize(costs, "sqrt")
+    k = max(1, math.ceil(math.sqrt(n)))
+    p = every(k).plan(n if c is None else costs)
+    return dataclasses.replace(p, segmenter=f"{self!r} = every({k})")
+
+
+@dataclasses.dataclass(frozen=True)
+class multilevel:  # noqa: N801
+  """Nested checkpointing, ``levels`` deep: ``O(D^(1/(levels+1)))`` memory, ``levels+1`` extra passes.
+
+  Each level splits its range into about ``b = ceil(D^(1/(levels+1)))``
+  checkpointed segments; the innermost segments (about ``b`` layers) run
+  taped. ``multilevel(1)`` is :class:`sqrt`; ``multilevel(2)`` keeps
+  ``O(D^(1/3))`` activations for ``3 D`` forward evaluations.
+
+  Args:
+    levels: nesting depth, a positive int.
+
+  Raises:
+    ValueError: if ``levels`` is not a positive int.
+
+  Example:
+
+    >>> import remat
+    >>> p = remat.segmenters.multilevel(2).plan(64)
+    >>> p.forward_evaluations
+    192
+  """
+
+  levels: int
+
+  def __post_init__(self):
+    _check_positive_int(self.levels, "levels", "remat.segmenters.multilevel", "multilevel(2)")
+
+  def plan(self, costs: Costs) -> Plan:
+    """Returns the :class:`Plan` for a chain (a number of layers or per-layer costs)."""
+    n, c = _normalize(costs, "multilevel")
+    b = max(2, math.ceil(round(n ** (1.0 / (self.levels + 1)), 9)))
+
+    def nest(start, stop, level):
+      size = stop - start
+      if level == 0 or size <= 1:
+        return ()
+      chunk = max(1, math.ceil(size / b))
+      out = []
+      for s in range(start, stop, chunk):
+        e = min(s + chunk, stop)
+        out.append(Segment(s, e, nest(s, e, level - 1), True))
+      return tuple(out)
+
+    return _finish(Segment(0, n, nest(0, n, self.levels)), c, n, repr(self), costs)
+
+
+@dataclasses.dataclass(frozen=True)
+class none:  # noqa: N801
+  """Store nothing but the chain input: recompute every layer's input from it.
+
+  The quadratic extreme: ``D (D + 1) / 2`` forward evaluations, one stored
+  state (``revolve(1)``).
+
+  Example:
+
+    >>> import remat
+    >>> p = remat.segmenters.none().plan(8)
+    >>> p.forward_evaluations, p.stored_states
+    (36, 1)
+  """
+
+  def plan(self, costs: Costs) -> Plan:
+    """Returns the :class:`Plan` for a chain (a number of layers or per-layer costs)."""
+    n, c = _normalize(costs, "none")
+    root = Segment(0, n, tuple(_revolve_tree(n, 1, 0)))
+    return _finish(root, c, n, repr(self), costs)
+
+
+@dataclasses.dataclass(frozen=True)
+class revolve:  # noqa: N801
+  """Griewank--Walther's optimal schedule with ``slots`` stored states.
+
+  For ``l`` uniform layers the plan makes ``l + t(l, slots)`` forward
+  evaluations, the binomial optimum, and holds at most ``slots`` boundary
+  activations (chain input included). It is realised by nested checkpoints
+  following ``R(l, s) = min_m [m + R(l - m, s - 1) + R(m, s)]``. Per-layer
+  costs only change the predicted bytes and flops, not the schedule.
+
+  Args:
+    slots: stored states, a positive int.
+
+  Raises:
+    ValueError: if ``slots`` is not a positive int.
+
+  Example:
+
+    >>> import remat
+    >>> p = remat.segmenters.revolve(3).plan(16)
+    >>> p.forward_evaluations, p.stored_states
+    (42, 3)
+  """
+
+  slots: int
+
+  def __post_init__(self):
+    _check_positive_int(self.slots, "slots", "remat.segmenters.revolve", "revolve(4)")
+
+  def plan(self, costs: Costs) -> Plan:
+    """Returns the :class:`Plan` for a chain (a number of layers or per-layer costs)."""
+    n, c = _normalize(costs, "revolve")
+    root = Segment(0, n, tuple(_revolve_tree(n, self.slots, 0)))
+    return _finish(root, c, n, repr(self), costs)
+
+
+@dataclasses.dataclass(frozen=True)
+class budget:  # noqa: N801
+  """The plan with the fewest recomputed flops whose predicted peak fits ``max_bytes``.
+
+  A dynamic program in the spirit of Rotor (Beaumont et al.) over nested
+  segment trees: for every sub-chain it chooses, head by head, to tape a layer
+  or to checkpoint a segment (store its input, recompute it with its own
+  optimal inside), minimising flops subject to the predicted peak
+  (``LayerCost`` bytes measured from XLA). Where plain backprop fits, the plan
+  recomputes nothing. ``max_bytes`` bounds the compiled temp memory of the
+  chain's training step (``remat.profile(step).temp_bytes``): activations,
+  residuals and working buffers; parameters, inputs and gradients are not in
+  it. Used through ``remat.sequential`` (or the Flax ``Sequential``s) the plan
+  is made per traced shape and checked by compiling it; if the compiled
+  program does not fit, the planner tightens its target and plans again (at
+  most ``max_compiles`` compiles).
+
+  Args:
+    max_bytes: the memory budget in bytes (a positive int).
+    offload: reserved for host offload of boundary activations (a
+      ``remat.offload`` policy). It is stored and handed to
+      :func:`offload_candidates`, the hook where the planner receives the
+      boundaries that may live in host memory; today that hook offers none,
+      so plans are device-only.
+    max_compiles: how many candidate plans ``remat.sequential`` may compile to
+      find one that truly fits.
+
+  Raises:
+    ValueError: if ``max_bytes`` or ``max_compiles`` is not a positive int.
+
+  Example:
+
+    >>> import remat
+    >>> from remat.segmenters import LayerCost
+    >>> c = [LayerCost(1000, 1000, 1000, 1000, 1e6, 3e6)] * 8
+    >>> remat.segmenters.budget(12_000).plan(c).recomputed_evaluations
+    0
+    >>> remat.segmenters.budget(6_000).plan(c).predicted_peak_bytes <= 6_000
+    True
+  """
+
+  max_bytes: int
+  offload: Any = dataclasses.field(default=None, kw_only=True)
+  max_compiles: int = dataclasses.field(default=4, kw_only=True)
+
+  def __post_init__(self):
+    _check_positive_int(self.max_bytes, "max_bytes", "remat.segmenters.budget", "budget(2**30)")
+    _check_positive_int(self.max_compiles, "max_compiles", "remat.segmenters.budget",
+                        "budget(2**30, max_compiles=4)")
+
+  def plan(self, costs: Sequence[LayerCost], *, target_bytes: int | None = None) -> Plan:
+    """Returns the cheapest :class:`Plan` whose predicted peak fits the budget.
+
+    Args:
+      costs: per-layer :class:`LayerCost` (``remat.segmenters.measure_costs``
+        measures them from XLA).
+      target_bytes: plan for this many bytes instead of ``max_bytes`` (used
+        when a compiled plan overshot its prediction).
+
+    Returns:
+      The :class:`Plan`.
+
+    Raises:
+      ValueError: if ``costs`` carry no bytes, or the budget is below the
+        smallest feasible one (the message names it in bytes).
+    """
+    if isinstance(costs, int) or not all(isinstance(c, LayerCost) for c in costs):
+      raise ValueError(
+          "`remat.segmenters.budget` plans from measured bytes: pass a sequence of "
+          "`remat.segmenters.LayerCost` (see `remat.segmenters.measure_costs`), or use it "
+          f"through `remat.sequential`, which measures them; got {_short(costs)}.")
+    costs = tuple(costs)
+    if not costs:
+      raise ValueError("`remat.segmenters.budget` needs at least one layer, but got no costs.")
+    target = self.max_bytes if target_bytes is None else int(target_bytes)
+    dp = _BudgetDP(costs, offload_candidates(costs, self.offload))
+    smallest = dp.min_peak()
+    if target < smallest:
+      raise ValueError(
+          f"`remat.segmenters.budget({self.max_bytes})`: no plan fits {target:,} bytes; the smallest "
+          f"feasible budget for this chain is {int(math.ceil(smallest)):,} bytes (predicted). "
+          f"Raise `max_bytes` to at least {int(math.ceil(smallest))} or make the layers smaller.")
+    root = dp.solve(target)
+    return make_plan(root, costs, len(costs), repr(self))
+
+
+def offload_candidates(costs: Sequence[LayerCost], offload: Any) -> tuple[int, ...]:
+  """Hook for host offload: the boundaries whose activation may live in host memory.
+
+  The budget planner calls this with the chain's costs and
+  ``budget(..., offload=...)``. A boundary index returned here would be a
+  third choice for the dynamic program besides "tape" and "recompute":
+  keep the activation on the host (its device bytes become transfer time).
+  The device-only planner returns ``()``; the offload integration fills this in.
+
+  Args:
+    costs: the chain's per-layer costs.
+    offload: the ``offload`` argument of :class:`budget` (``None``: device only).
+
+  Returns:
+    A tuple of boundary indices (currently always empty).
+
+  Example:
+
+    >>> from remat._src.segmenters import offload_candidates
+    >>> offload_candidates((), None)
+    ()
+  """
+  del costs, offload
+  return ()
+
+
+### Revolve (uniform chains)
+
+
+@functools.lru_cache(maxsize=64)
+def _revolve_table(n: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+  """R[l, t] and the optimal split m for l <= n, t <= s."""
+  inf = np.iinfo(np.int64).max // 4
+  r = np.full((n + 1, s + 1), inf, dtype=np.int64)
+  arg = np.zeros((n + 1, s + 1), dtype=np.int64)
+  r[1, :] = 1
+  for t in range(1, s + 1):
+    for l in range(2, n + 1):
+      ms = np.arange(1, l)
+      vals = ms + r[l - ms, t - 1] + r[ms, t]
+      j = int(np.argmin(vals))
+      r[l, t], arg[l, t] = vals[j], ms[j]
+  return r, arg
+
+
+def revolve_evaluations(length: int, slots: int) -> int:
+  """Griewank--Walther's optimum ``l + t(l, s)`` from the binomial formula (DESIGN.md fact 3)."""
+  l, s = length, slots
+  if l <= 1:
+    return l
+  r = 0
+  while math.comb(s + r, s) < l:
+    r += 1
+  return l + r * l - math.comb(s + r, s + 1)
+
+
+def _revolve_tree(n: int, s: int, offset: int) -> list[Segment]:
+  _, arg = _revolve_table(n, s)
+  out: list[Segment] = []
+  while True:
+    if n == 1:
+      out.append(leaf(offset, offset + 1))
+      return out
+    m = int(arg[n, s])
+    inner = _revolve_tree(m, s, offset) if m > 1 else []
+    out.append(Segment(offset, offset + m, tuple(inner), True))
+    offset, n, s = offset + m, n - m, s - 1
+
+
+### Budget dynamic program
+
+
+class _BudgetDP:
+  """min flops s.t. predicted peak <= budget, over nested trees (see ``plan.py`` cost model).
+
+  For a sub-chain ``[i, j)`` run under AD, with ``free`` meaning its input is
+  already held (chain input or the input of an enclosing checkpoint), the
+  head is either layer ``i`` taped (keeps ``kept_i``, peaks at
+  ``kept_i + transient_i``) or a checkpointed ``[i, k)`` (keeps ``a_i`` unless
+  free, runs its inside with the optimal ``[i, k)`` plan with free input); the
+  rest ``[k, j)`` follows with the head's keep held:
+  ``peak = max(head_peak, head_keep + rest_peak)``.
+  """
+
+  def __init__(self, costs, offload_boundaries=()):
+    self.c = costs
+    self.n = len(costs)
+    self.offload_boundaries = offload_boundaries  # the offload hook's output (unused: device-only)
+    f = np.array([c.flops for c in costs], dtype=np.float64)
+    self.fsum = np.concatenate([[0.0], np.cumsum(f)])
+    # Peak of a forward without tape over [i, k) with input held: max output (+ input after the first).
+    self._pf = {}
+
+  def plain_peak(self, i, k):
+    key = (i, k)
+    if key not in self._pf:
+      v = 0.0
+      for t in range(i, k):
+        c = self.c[t]
+        v = max(v, (0.0 if t == i else c.input_bytes) + c.output_bytes)
+      self._pf[key] = v
+    return self._pf[key]
+
+  def keep_ck(self, i, free):
+    return 0.0 if free else float(self.c[i].input_bytes)
+
+  def min_peak(self) -> float:
+    n = self.n
+    mp: dict = {}
+    for length in range(1, n + 1):
+      for i in range(0, n - length + 1):
+        j = i + length
+        for free in (True, False):
+          c = self.c[i]
+          rest = mp[(i + 1, j, False)] if j > i + 1 else 0.0
+          best = max(c.kept_bytes + c.transient_bytes, c.kept_bytes + rest)
+          for k in range(i + 1, j + 1):
+            if free and k == j:
+              continue
+            kc = self.keep_ck(i, free)
+            head = kc + max(self.plain_peak(i, k), mp[(i, k, True)])
+            val = head if k == j else max(head, kc + mp[(k, j, False)])
+            best = min(best, val)
+          mp[(i, j, free)] = best
+    return mp[(0, n, True)]
+
+  def solve(self, target: float) -> Segment:
+    """The optimal tree for ``target`` bytes, certified by exact simulation."""
+    n = self.n
+    vals = [int(v) for c in self.c for v in (c.input_bytes, c.output_bytes, c.kept_bytes,
+                                             c.transient_bytes)]
+    g = functools.reduce(math.gcd, [v for v in vals if v > 0] or [1])
+    candidates = []
+    if target / g <= 16384:  # exact integer arithmetic in units of the common divisor
+      candidates.append((int(target // g) * g, int(target // g)))
+    for res in (2048, 8192):
+      candidates.append((target, res))
+    for f in (0.99, 0.97, 0.94, 0.9, 0.85, 0.8):  # rounding overshot: aim a little lower
+      candidates.append((target * f, 4096))
+    for t, res in candidates:
+      root = self._solve_quantized(t, res)
+      if root is not None and make_plan(root, self.c, n, "").predicted_peak_bytes <= target:
+        return root
+    raise RuntimeError(
+        f"`remat.segmenters.budget`: the planner could not certify a plan under {target:,.0f} bytes "
+        "although the smallest predicted peak fits; please report this chain's costs.")
+
+  def _solve_quantized(self, target, m_max):
+    n, c = self.n, self.c
+    q = target / m_max
+    Q = lambda b: int(round(b / q))  # noqa: E731
+    inf = np.inf
+    M = m_max + 1
+    opt: dict = {}
+    choice: dict = {}
+    idx = np.arange(M)
+
+    def shift(arr, s):
+      if s <= 0:
+        return arr
+      out = np.full(M, inf)
+      if s < M:
+        out[s:] = arr[:M - s]
+      return out
+
+    for length in range(1, n + 1):
+      for i in range(0, n - length + 1):
+        j = i + length
+        for free in (True, False):
+          ci = c[i]
+          kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + ci.transient_bytes)
+          if j == i + 1:
+            best = np.where(idx >= ph, ci.step_flops, inf)
+          else:
+            best = np.where(idx >= ph, ci.step_flops + shift(opt[(i + 1, j, False)], kh), inf)
+          arg = np.zeros(M, dtype=np.int32)  # 0: taped head; k: checkpoint [i, k)
+          kc = Q(self.keep_ck(i, free))
+          for k in range(i + 1, j + 1):
+            if free and k == j:
+              continue
+            pf = Q(self.plain_peak(i, k))
+            head = np.where(idx >= kc + pf, self.fsum[k] - self.fsum[i] + shift(opt[(i, k, True)], kc), inf)
+            val = head if k == j else head + shift(opt[(k, j, False)], kc)
+            better = val < best
+            best = np.where(better, val, best)
+            arg = np.where(better, k, arg)
+          opt[(i, j, free)] = best
+          choice[(i, j, free)] = arg
+    if not np.isfinite(opt[(0, n, True)][M - 1]):
+      return None
+    kids = self._rebuild(0, n, True, M - 1, choice, Q)
+    return Segment(0, n, tuple(_merge_taped(kids)))
+
+  def _rebuild(self, i, j, free, m, choice, Q):
+    k = int(choice[(i, j, free)][m])
+    if k == 0:
+      out = [leaf(i, i + 1)]
+      if j > i + 1:
+        out += self._rebuild(i + 1, j, False, m - Q(self.c[i].kept_bytes), choice, Q)
+      return out
+    kc = Q(self.keep_ck(i, free))
+    inner = _merge_taped(self._rebuild(i, k, True, m - kc, choice, Q))
+    seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
+    if k == j:
+      return [seg]
+    return [seg] + self._rebuild(k, j, False, m - kc, choice, Q)
+
+
+def _merge_taped(segs: list[Segment]) -> list[Segment]:
+  out: list[Segment] = []
+  for s in segs:
+    if out and not s.checkpoint and not s.children and not out[-1].checkpoint and not out[-1].children:
+      out[-1] = leaf(out[-1].start, s.stop)
+    else:
+      out.append(s)
+  return out
+
+
+### Helpers
+
+
+def _check_positive_int(v, name, api, example):
+  if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+    raise ValueError(f"`{api}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
+
+
+def _short(costs) -> str:
+  s = repr(costs)
+  return s if len(s) < 80 else s[:77] + "..."
+
+
+def _normalize(costs: Costs, name: str):
+  """(number of layers, per-layer LayerCost tuple or None)."""
+  api = f"`remat.segmenters.{name}(...).plan`"
+  if isinstance(costs, (int, np.integer)) and not isinstance(costs, bool):
+    if costs < 1:
+      raise ValueError(f"{api} needs at least one layer, but got {costs!r}.")
+    return int(costs), None
+  try:
+    seq = tuple(costs)
+  except TypeError:
+    seq = None
+  if not seq:
+    raise ValueError(
+        f"{api} expects a number of identical layers or a non-empty sequence of per-layer "
+        f"costs (`remat.segmenters.LayerCost` or forward flops), but got {_short(costs)}.")
+  if all(isinstance(c, LayerCost) for c in seq):
+    return len(seq), seq
+  if all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool) and c >= 0
+         for c in seq):
+    # Relative compute costs only: memory in units of one activation, no bytes predicted.
+    return len(seq), tuple(LayerCost(1, 1, 1, 0, float(f), 3.0 * float(f)) for f in seq)
+  raise ValueError(
+      f"{api} expects `remat.segmenters.LayerCost` entries or non-negative numbers (forward "
+      f"flops), but got {_short(costs)}.")
+
+
+def _finish(root, c, n, name, original) -> Plan:
+  plan = make_plan(root, c, n, name)
+  if c is not None and not all(isinstance(x, LayerCost) for x in original):
+    plan = dataclasses.replace(plan, predicted_peak_bytes=None)
+  return plan

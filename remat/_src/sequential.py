@@ -1,0 +1,186 @@
+"""``remat.sequential``: a chain of layer functions run under a plan or a segmenter.
+
+Plans are made at trace time from the traced shapes: one ``apply`` with a
+``budget`` segmenter plans separately for every sequence length it sees, and
+recomputes nothing where plain backprop fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+
+from remat._src import costs as costs_lib
+from remat._src import plan as plan_lib
+from remat._src import profile as profile_lib
+from remat._src import segmenters as seg_lib
+
+_API = "`remat.sequential`"
+_PLANS: dict[Any, plan_lib.Plan] = {}
+
+
+### Main API
+
+
+def sequential(layers: Sequence[Callable], plan_or_segmenter: Any) -> Callable:
+  """Applies a chain of layers under a checkpointing plan (or a segmenter that makes one).
+
+  Args:
+    layers: the chain: functions ``layer(p, x) -> y`` or ``layer(p, x, key) -> y``
+      (layers taking a key get ``remat.rng.layer_key(key, i)``, the same key in
+      the recomputation, so dropout is exact).
+    plan_or_segmenter: a ``remat.Plan`` for ``len(layers)`` layers, or a
+      segmenter from ``remat.segmenters`` (``every(4)``, ``revolve(3)``,
+      ``budget(2**30)`` ...). A segmenter plans at trace time for the traced
+      shapes; ``budget`` measures the layers with XLA and checks its plan by
+      compiling it (cached per shape).
+
+  Returns:
+    ``apply(params, x, key=None)`` where ``params`` has one entry per layer.
+    ``apply.plan_for(params, x, key=None)`` returns the plan it would use for
+    these shapes (arrays or ``jax.ShapeDtypeStruct``).
+
+  Raises:
+    TypeError: if ``layers`` holds a non-callable, or ``plan_or_segmenter``
+      is neither a plan nor a segmenter.
+    ValueError: if a plan is for another number of layers, or ``layers`` is empty.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat
+    >>> layer = lambda w, x: jnp.tanh(x @ w)
+    >>> apply = remat.sequential([layer] * 8, remat.segmenters.revolve(2))
+    >>> ws, x = [jnp.eye(4) * 0.5] * 8, jnp.ones((2, 4))
+    >>> g = jax.grad(lambda ws: apply(ws, x).sum())(ws)
+    >>> apply.plan_for(ws, x).forward_evaluations
+    20
+  """
+  layers = tuple(layers)
+  if not layers:
+    raise ValueError(f"{_API} needs at least one layer, but got an empty sequence.")
+  for i, f in enumerate(layers):
+    if not callable(f):
+      raise TypeError(f"{_API}: layer {i} must be a function `layer(p, x)` or `layer(p, x, key)`, "
+                      f"but got {f!r}.")
+  _check_plan_or_segmenter(plan_or_segmenter, len(layers))
+
+  def plan_for(params, x, key=None) -> plan_lib.Plan:
+    return plan_for_chain(layers, plan_or_segmenter, params, x, key)
+
+  def apply(params, x, key=None):
+    if len(params) != len(layers):
+      raise ValueError(
+          f"{_API}: got {len(params)} parameter entries for {len(layers)} layers; pass one "
+          "parameter pytree per layer (use `()` for parameterless layers).")
+    plan = plan_for(params, x, key)
+    return plan_lib.apply_plan(plan, layers, params, x, key)
+
+  apply.plan_for = plan_for  # type: ignore[attr-defined]
+  return apply
+
+
+def plan_for_chain(layers: Sequence[Callable], plan_or_segmenter: Any, params: Sequence[Any], x: Any,
+                   key: Any = None, *, compile: bool = False) -> plan_lib.Plan:
+  """The plan ``remat.sequential`` uses for these shapes, optionally with its compiled temp.
+
+  Args:
+    layers: the chain of layer functions.
+    plan_or_segmenter: a ``remat.Plan`` or a segmenter.
+    params: one parameter pytree per layer (arrays or ``jax.ShapeDtypeStruct``).
+    x: the chain input (an array or a ``jax.ShapeDtypeStruct``).
+    key: an optional PRNG key (or its spec).
+    compile: also compile the chain's training step under the plan and fill
+      ``Plan.compiled_temp_bytes`` (``budget`` plans always carry it), and
+      measure bytes so ``predicted_peak_bytes`` is filled for every segmenter.
+
+  Returns:
+    A ``remat.Plan`` (predicted and, with ``compile=True``, compiled numbers).
+
+  Raises:
+    ValueError: as the segmenter's ``plan`` (a budget below the smallest
+      feasible one names that budget).
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat
+    >>> layer = lambda w, x: jnp.tanh(x @ w)
+    >>> w = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+    >>> x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    >>> p = remat.segmenters.plan_for([layer] * 4, remat.segmenters.every(2), [w] * 4, x, compile=True)
+    >>> p.compiled_temp_bytes > 0 and p.predicted_peak_bytes > 0
+    True
+  """
+  layers = tuple(layers)
+  _check_plan_or_segmenter(plan_or_segmenter, len(layers))
+  p_spec, x_spec, k_spec = costs_lib.spec(tuple(params)), costs_lib.spec(x), costs_lib.spec(key)
+  if isinstance(plan_or_segmenter, plan_lib.Plan):
+    plan = plan_or_segmenter
+    if compile:
+      costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec)
+      plan = plan_lib.make_plan(plan.root, costs, plan.num_layers, plan.segmenter)
+  elif isinstance(plan_or_segmenter, seg_lib.budget):
+    plan = _budget_plan(layers, plan_or_segmenter, p_spec, x_spec, k_spec)
+  elif compile:
+    plan = plan_or_segmenter.plan(costs_lib.measure_costs(layers, p_spec, x_spec, k_spec))
+  else:
+    plan = plan_or_segmenter.plan(len(layers))
+  if compile and plan.compiled_temp_bytes is None:
+    temp = _compiled_temp(plan, layers, p_spec, x_spec, k_spec)
+    plan = dataclasses.replace(plan, compiled_temp_bytes=temp)
+  return plan
+
+
+### Implementation
+
+
+def _check_plan_or_segmenter(obj, n):
+  if isinstance(obj, plan_lib.Plan):
+    if obj.num_layers != n:
+      raise ValueError(f"{_API}: the plan is for {obj.num_layers} layers but the chain has {n}; "
+                       "make the plan for this chain (`segmenter.plan(len(layers))`).")
+    return
+  if not callable(getattr(obj, "plan", None)):
+    raise TypeError(
+        f"{_API} expects a `remat.Plan` or a segmenter such as `remat.segmenters.every(4)` or "
+        f"`remat.segmenters.budget(2**30)`, but got {obj!r}.")
+
+
+def _compiled_temp(plan, layers, p_spec, x_spec, k_spec) -> int:
+  run = lambda ps, x, k: plan_lib.apply_plan(plan, layers, ps, x, k)
+  return profile_lib.profile(costs_lib.step_of(run), p_spec, x_spec, k_spec).temp_bytes
+
+
+def _budget_plan(layers, seg: seg_lib.budget, p_spec, x_spec, k_spec) -> plan_lib.Plan:
+  callers = plan_lib.layer_callers(layers)
+  ids, x_cur = [], x_spec
+  for f, p in zip(callers, p_spec, strict=True):
+    ids.append(costs_lib.layer_cache_key(f, p, x_cur, k_spec))
+    x_cur = jax.eval_shape(f, p, x_cur, k_spec)
+  cache_key = (seg, tuple(ids))
+  if cache_key in _PLANS:
+    return _PLANS[cache_key]
+  costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec)
+  target = seg.max_bytes
+  tried = []
+  for _ in range(seg.max_compiles):
+    plan = seg.plan(costs, target_bytes=target)
+    temp = _compiled_temp(plan, layers, p_spec, x_spec, k_spec)
+    tried.append((plan.forward_evaluations, plan.predicted_peak_bytes, temp))
+    if temp <= seg.max_bytes:
+      plan = dataclasses.replace(plan, compiled_temp_bytes=temp)
+      _PLANS[cache_key] = plan
+      return plan
+    # The compiled program kept more than predicted: aim lower by the overshoot.
+    new_target = int(math.floor(min(target * seg.max_bytes / temp, target - 1)))
+    smallest = seg_lib._BudgetDP(costs).min_peak()
+    if new_target < smallest:
+      break
+    target = new_target
+  detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
+  raise ValueError(
+      f"`remat.segmenters.budget({seg.max_bytes})`: no plan found whose compiled temp memory fits "
+      f"{seg.max_bytes:,} bytes in {len(tried)} compile(s) ({detail}). Raise `max_bytes` "
+      f"to at least {min(t for _, _, t in tried):,} bytes, or `max_compiles`.")
