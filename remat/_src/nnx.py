@@ -136,11 +136,43 @@ def checkpoint(
 
 
 def _transformed(f, static, *, policy, offload, prevent_cse):
-  """``nnx.remat``'s composition with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
-  inner = transform_lib.checkpoint(
-      general.merge_inputs(f, ctxtag=_CTXTAG), static_argnums=static, policy=policy,
-      offload=offload, prevent_cse=prevent_cse)
-  return graphlib.update_context(_CTXTAG)(general.split_inputs(inner, ctxtag=_CTXTAG))
+  """``nnx.remat``'s composition with ``remat.checkpoint`` in place of ``jax.checkpoint``.
+
+  ``merge_inputs`` returns the state of every module argument after the call,
+  changed or not. ``jax.checkpoint`` forwards unchanged values for free, but
+  every output of a ``custom_vjp`` gets a cotangent in the backward pass (a
+  zero array the size of each parameter, kept alive by the barrier). So while
+  tracing we note which output leaves are the very input tracers (unchanged
+  ``Param``s), return only the others from the checkpointed function, and
+  hand the caller the inputs themselves in their place.
+  """
+  merged = general.merge_inputs(f, ctxtag=_CTXTAG)
+  record: list[tuple[Any, list[int | None]]] = []
+
+  def traced(*pure_args):
+    pure_args_out, out = merged(*pure_args)
+    index = {id(leaf): i for i, leaf in enumerate(jax.tree_util.tree_leaves(pure_args))
+             if isinstance(leaf, jax.core.Tracer)}
+    leaves, treedef = jax.tree_util.tree_flatten(pure_args_out)
+    source = [index.get(id(leaf)) if isinstance(leaf, jax.core.Tracer) else None
+              for leaf in leaves]
+    record.append((treedef, source))
+    return [leaf for leaf, j in zip(leaves, source, strict=True) if j is None], out
+
+  traced.__name__ = getattr(f, "__name__", "f")
+  inner = transform_lib.checkpoint(traced, static_argnums=static, policy=policy,
+                                   offload=offload, prevent_cse=prevent_cse)
+
+  def call(*pure_args):
+    record.clear()
+    changed, out = inner(*pure_args)
+    treedef, source = record[-1]
+    in_leaves = jax.tree_util.tree_leaves(pure_args)
+    changed = iter(changed)
+    leaves = [next(changed) if j is None else in_leaves[j] for j in source]
+    return jax.tree_util.tree_unflatten(treedef, leaves), out
+
+  return graphlib.update_context(_CTXTAG)(general.split_inputs(call, ctxtag=_CTXTAG))
 
 
 def _name(f) -> str:
