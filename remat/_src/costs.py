@@ -46,10 +46,19 @@ def loss_of(y):
 
 
 def step_of(fn: Callable) -> Callable:
-  """``value_and_grad`` of ``loss_of(fn(params, x, key))`` w.r.t. params and ``x``."""
+  """The chain's training step whose temp memory plans predict: a jitted, donating SGD step.
+
+  ``value_and_grad`` of ``loss_of(fn(params, x, key))`` with respect to
+  ``params`` and ``x``, then ``params - lr * grads`` and ``x - lr * dx``
+  returned in the donated buffers. Outputs that alias their inputs keep XLA
+  from hiding temporaries in gradient buffers, so ``temp_bytes`` is the
+  activation memory (DESIGN.md, "How we measure").
+  """
   def step(params, x, key):
-    return jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
-  return step
+    loss, (gp, gx) = jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
+    upd = lambda a, g: a - 1e-3 * g.astype(a.dtype) if hasattr(a, "dtype") else a  # noqa: E731
+    return loss, jax.tree_util.tree_map(upd, params, gp), jax.tree_util.tree_map(upd, x, gx)
+  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,

@@ -13,7 +13,9 @@ Cost model (the definitions every number of a plan follows):
 * ``forward_evaluations``: layer forward calls in one training step
   (``jax.value_and_grad`` of a loss of the chain output), the taped forward
   included. A checkpointed segment costs its layers once in the forward pass
-  (without tape) and again, with its own structure, in the backward pass.
+  (without tape) and again, with its own structure, in the backward pass;
+  inside a recomputation the output is unused, so the forward of a trailing
+  checkpointed sub-segment is dead code and is not counted (XLA removes it).
   (With ``jax.grad`` alone, XLA may drop the forward of the last checkpointed
   segment as dead code; the definition uses ``value_and_grad``.)
 * ``stored_states``: the most layer-boundary activations held for the backward
@@ -224,13 +226,17 @@ class _Simulator:
       return 0.0
     return float(self._c(i).input_bytes)
 
-  def taped(self, seg: Segment):
-    """Forward under AD. Returns what the backward must release."""
+  def taped(self, seg: Segment, output_needed: bool = True):
+    """Forward under AD. Returns what the backward must release.
+
+    In a recomputation the segment's output is not used (only its tape is), so
+    a trailing checkpointed segment's forward is dead code: XLA drops it.
+    """
     if seg.checkpoint:
       b = self._state_bytes(seg.start)
       self.held += b
       self._hold_state(seg.start)
-      for i in range(seg.start, seg.stop):   # forward without tape
+      for i in range(seg.start, seg.stop if output_needed else seg.start):  # forward without tape
         self.evals += 1
         if not self.unit:
           c = self._c(i)
@@ -240,7 +246,8 @@ class _Simulator:
       self._count_states()
       return ("ckpt", b)
     if seg.children:
-      return ("seq", [self.taped(c) for c in seg.children])
+      last = len(seg.children) - 1
+      return ("seq", [self.taped(c, output_needed or j < last) for j, c in enumerate(seg.children)])
     kept = []
     for i in range(seg.start, seg.stop):
       self.evals += 1
@@ -258,7 +265,7 @@ class _Simulator:
     kind, data = keeps
     if kind == "ckpt":
       inner = dataclasses.replace(seg, checkpoint=False)
-      inner_keeps = self.taped(inner)
+      inner_keeps = self.taped(inner, output_needed=False)
       self.backward(inner, inner_keeps)
       self.held -= data
       self._drop_state(seg.start)

@@ -349,7 +349,9 @@ class _BudgetDP:
   ``kept_i + transient_i``) or a checkpointed ``[i, k)`` (keeps ``a_i`` unless
   free, runs its inside with the optimal ``[i, k)`` plan with free input); the
   rest ``[k, j)`` follows with the head's keep held:
-  ``peak = max(head_peak, head_keep + rest_peak)``.
+  ``peak = max(head_peak, head_keep + rest_peak)``. ``dead`` marks a sub-chain
+  whose output is unused (the tail of a recomputation): a trailing
+  checkpointed head there costs no forward pass, as XLA removes it.
   """
 
   def __init__(self, costs, offload_boundaries=()):
@@ -375,24 +377,27 @@ class _BudgetDP:
     return 0.0 if free else float(self.c[i].input_bytes)
 
   def min_peak(self) -> float:
+    """The smallest predicted peak of any tree (exact bytes)."""
     n = self.n
     mp: dict = {}
     for length in range(1, n + 1):
       for i in range(0, n - length + 1):
         j = i + length
         for free in (True, False):
-          c = self.c[i]
-          rest = mp[(i + 1, j, False)] if j > i + 1 else 0.0
-          best = max(c.kept_bytes + c.transient_bytes, c.kept_bytes + rest)
-          for k in range(i + 1, j + 1):
-            if free and k == j:
-              continue
+          for dead in (True, False):
+            c = self.c[i]
+            rest = mp[(i + 1, j, False, dead)] if j > i + 1 else 0.0
+            best = max(c.kept_bytes + c.transient_bytes, c.kept_bytes + rest)
             kc = self.keep_ck(i, free)
-            head = kc + max(self.plain_peak(i, k), mp[(i, k, True)])
-            val = head if k == j else max(head, kc + mp[(k, j, False)])
-            best = min(best, val)
-          mp[(i, j, free)] = best
-    return mp[(0, n, True)]
+            for k in range(i + 1, j + 1):
+              if free and k == j:
+                continue
+              pf = 0.0 if (dead and k == j) else self.plain_peak(i, k)
+              head = kc + max(pf, mp[(i, k, True, True)])
+              val = head if k == j else max(head, kc + mp[(k, j, False, dead)])
+              best = min(best, val)
+            mp[(i, j, free, dead)] = best
+    return mp[(0, n, True, False)]
 
   def solve(self, target: float) -> Segment:
     """The optimal tree for ``target`` bytes, certified by exact simulation."""
@@ -436,44 +441,49 @@ class _BudgetDP:
     for length in range(1, n + 1):
       for i in range(0, n - length + 1):
         j = i + length
+        ci = c[i]
+        kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + ci.transient_bytes)
         for free in (True, False):
-          ci = c[i]
-          kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + ci.transient_bytes)
-          if j == i + 1:
-            best = np.where(idx >= ph, ci.step_flops, inf)
-          else:
-            best = np.where(idx >= ph, ci.step_flops + shift(opt[(i + 1, j, False)], kh), inf)
-          arg = np.zeros(M, dtype=np.int32)  # 0: taped head; k: checkpoint [i, k)
           kc = Q(self.keep_ck(i, free))
-          for k in range(i + 1, j + 1):
-            if free and k == j:
-              continue
-            pf = Q(self.plain_peak(i, k))
-            head = np.where(idx >= kc + pf, self.fsum[k] - self.fsum[i] + shift(opt[(i, k, True)], kc), inf)
-            val = head if k == j else head + shift(opt[(k, j, False)], kc)
-            better = val < best
-            best = np.where(better, val, best)
-            arg = np.where(better, k, arg)
-          opt[(i, j, free)] = best
-          choice[(i, j, free)] = arg
-    if not np.isfinite(opt[(0, n, True)][M - 1]):
+          for dead in (True, False):
+            if j == i + 1:
+              best = np.where(idx >= ph, ci.step_flops, inf)
+            else:
+              best = np.where(idx >= ph, ci.step_flops + shift(opt[(i + 1, j, False, dead)], kh), inf)
+            arg = np.zeros(M, dtype=np.int32)  # 0: taped head; k: checkpoint [i, k)
+            for k in range(i + 1, j + 1):
+              if free and k == j:
+                continue
+              if dead and k == j:  # output unused: no forward pass for this checkpoint
+                head = shift(opt[(i, k, True, True)], kc)
+              else:
+                pf = Q(self.plain_peak(i, k))
+                head = np.where(idx >= kc + pf,
+                                self.fsum[k] - self.fsum[i] + shift(opt[(i, k, True, True)], kc), inf)
+              val = head if k == j else head + shift(opt[(k, j, False, dead)], kc)
+              better = val < best
+              best = np.where(better, val, best)
+              arg = np.where(better, k, arg)
+            opt[(i, j, free, dead)] = best
+            choice[(i, j, free, dead)] = arg
+    if not np.isfinite(opt[(0, n, True, False)][M - 1]):
       return None
-    kids = self._rebuild(0, n, True, M - 1, choice, Q)
+    kids = self._rebuild(0, n, True, False, M - 1, choice, Q)
     return Segment(0, n, tuple(_merge_taped(kids)))
 
-  def _rebuild(self, i, j, free, m, choice, Q):
-    k = int(choice[(i, j, free)][m])
+  def _rebuild(self, i, j, free, dead, m, choice, Q):
+    k = int(choice[(i, j, free, dead)][m])
     if k == 0:
       out = [leaf(i, i + 1)]
       if j > i + 1:
-        out += self._rebuild(i + 1, j, False, m - Q(self.c[i].kept_bytes), choice, Q)
+        out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].kept_bytes), choice, Q)
       return out
     kc = Q(self.keep_ck(i, free))
-    inner = _merge_taped(self._rebuild(i, k, True, m - kc, choice, Q))
+    inner = _merge_taped(self._rebuild(i, k, True, True, m - kc, choice, Q))
     seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
     if k == j:
       return [seg]
-    return [seg] + self._rebuild(k, j, False, m - kc, choice, Q)
+    return [seg] + self._rebuild(k, j, False, dead, m - kc, choice, Q)
 
 
 def _merge_taped(segs: list[Segment]) -> list[Segment]:
