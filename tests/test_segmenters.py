@@ -1,0 +1,186 @@
+"""Segmenters and plans as data: schedule counts, the revolve optimum, the budget DP vs brute force."""
+
+import dataclasses
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+
+from remat import segmenters as S
+from remat._src.plan import Segment, make_plan
+
+
+# -- revolve: Griewank-Walther's binomial optimum --------------------------------
+
+def binomial_t(l, s):
+  """t(l, s) from DESIGN.md fact 3, written out independently of the library."""
+  r = 0
+  while math.comb(s + r, s) < l:
+    r += 1
+  return r * l - math.comb(s + 1 + r - 1, s + 1)
+
+
+def test_revolve_table_is_the_binomial_optimum():
+  for s in range(1, 9):
+    for l in range(1, 65):
+      p = S.revolve(s).plan(l)
+      assert p.forward_evaluations == l + binomial_t(l, s), (l, s)
+      assert p.stored_states <= s, (l, s)
+      assert p.num_layers == l
+
+
+def test_revolve_uses_its_slots_when_they_help():
+  # More slots never cost more, and with enough of them each layer is recomputed once.
+  for l in (8, 33, 64):
+    evals = [S.revolve(s).plan(l).forward_evaluations for s in range(1, 9)]
+    assert evals == sorted(evals, reverse=True)
+  assert S.revolve(64).plan(64).forward_evaluations == 2 * 64 - 1
+
+
+# -- uniform segmenters ------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [1, 2, 7, 16, 64])
+def test_none_is_quadratic_with_one_state(d):
+  p = S.none().plan(d)
+  assert p.forward_evaluations == d * (d + 1) // 2
+  assert p.stored_states == (1 if d > 1 else 0)  # a single layer is only the working state
+
+
+@pytest.mark.parametrize("d,k", [(16, 4), (16, 1), (17, 4), (64, 8), (5, 10)])
+def test_every_k(d, k):
+  p = S.every(k).plan(d)
+  assert p.forward_evaluations == 2 * d
+  nseg = math.ceil(d / k)
+  last = d - (nseg - 1) * k
+  # All segment inputs after the forward; in the backward of segment j, the
+  # inputs of segments 0..j plus the taped inputs of segment j, less the
+  # working state.
+  want = max(nseg, nseg + last - 2, nseg + k - 3 if nseg > 1 else 0)
+  assert p.stored_states == want
+  assert len(p.root.children) == nseg and all(c.checkpoint for c in p.root.children)
+
+
+def test_sqrt_and_multilevel_scale():
+  assert S.sqrt().plan(64).stored_states == 14          # 8 + 8 - 2
+  assert S.sqrt().plan(64).forward_evaluations == 128
+  p2 = S.multilevel(2).plan(64)                          # 4 x 4 x 4
+  assert p2.stored_states <= 10 and p2.stored_states < S.sqrt().plan(64).stored_states
+  # Three forward passes less the dead forwards of the last inner segment of
+  # each recomputed outer segment.
+  assert p2.forward_evaluations == 3 * 64 - 4 * 4
+  assert S.multilevel(1).plan(49).root == S.sqrt().plan(49).root
+  # O(D^(1/3)): the stored states grow far slower than sqrt's.
+  assert S.multilevel(2).plan(512).stored_states <= 3 * 8
+  assert S.sqrt().plan(512).stored_states >= 40
+
+
+def test_plan_str_shows_the_nesting():
+  text = str(S.revolve(2).plan(6))
+  assert text.splitlines()[0].startswith("Plan(revolve(slots=2), 6 layers): 14 forward evaluations")
+  assert "  checkpoint [0, 3)" in text and "      checkpoint [0]" in text and "tape [5]" in text
+
+
+def test_segmenters_are_hashable_frozen_and_comparable():
+  segs = [S.every(4), S.sqrt(), S.multilevel(2), S.revolve(3), S.budget(1 << 20), S.none()]
+  assert len({*segs, S.every(4)}) == len(segs)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    segs[0].k = 3
+  assert S.budget(10, offload="host").offload == "host"
+  hash(S.every(4).plan(8))
+
+
+def test_per_layer_flops_give_predicted_flops_but_no_bytes():
+  p = S.every(2).plan([1.0, 2.0, 3.0, 4.0])
+  assert p.predicted_peak_bytes is None
+  # Each layer: taped forward+backward (3x) plus one recomputation (1x).
+  assert p.predicted_flops == pytest.approx(3 * 10 + 10)
+
+
+def test_errors_name_the_api_and_the_fix():
+  with pytest.raises(ValueError, match=r"`remat.segmenters.every` needs a positive int `k`, but got 0"):
+    S.every(0)
+  with pytest.raises(ValueError, match=r"`remat.segmenters.revolve`.*`slots`.*-1"):
+    S.revolve(-1)
+  with pytest.raises(ValueError, match=r"`remat.segmenters.multilevel`.*True"):
+    S.multilevel(True)
+  with pytest.raises(ValueError, match=r"`remat.segmenters.budget`.*max_bytes.*1.5"):
+    S.budget(1.5)
+  with pytest.raises(ValueError, match=r"every\(...\).plan.*at least one layer"):
+    S.every(2).plan(0)
+  with pytest.raises(ValueError, match=r"LayerCost.*'abc'"):
+    S.sqrt().plan(["abc"])
+  with pytest.raises(ValueError, match=r"budget.*measured bytes.*measure_costs"):
+    S.budget(100).plan(16)
+  with pytest.raises(ValueError, match=r"tile"):
+    Segment(0, 4, (Segment(0, 2), Segment(3, 4)))
+
+
+# -- budget: the dynamic program ------------------------------------------------------
+
+def lc(a, k, w, f):
+  return S.LayerCost(input_bytes=a, output_bytes=a, kept_bytes=k, transient_bytes=w, flops=f,
+                     step_flops=3 * f)
+
+
+def test_budget_recomputes_nothing_when_plain_fits_and_names_the_smallest_budget():
+  c = [lc(1000, 1000, 500, 1e6)] * 8
+  plain = make_plan(Segment(0, 8), c, 8, "plain")
+  p = S.budget(plain.predicted_peak_bytes).plan(c)
+  assert p.recomputed_evaluations == 0 and p.predicted_peak_bytes == plain.predicted_peak_bytes
+  tight = S.budget(plain.predicted_peak_bytes // 2).plan(c)
+  assert tight.predicted_peak_bytes <= plain.predicted_peak_bytes // 2 and tight.recomputed_evaluations > 0
+  # The smallest: one taped layer (1000 kept + 500 transient) or a forward
+  # without tape holding an input and an output (2000).
+  with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is 2,000 bytes"):
+    S.budget(1999).plan(c)
+  assert S.budget(2000).plan(c).predicted_peak_bytes <= 2000
+
+
+def all_trees(i, j, free, dead):
+  """Every tree of the DP's grammar over [i, j), as lists of children (brute force)."""
+  out = []
+  rests = all_trees(i + 1, j, False, dead) if j > i + 1 else [[]]
+  for r in rests:
+    out.append([Segment(i, i + 1)] + r)
+  for k in range(i + 1, j + 1):
+    if free and k == j:
+      continue
+    for inner in all_trees(i, k, True, True):
+      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
+      for r in (all_trees(k, j, False, dead) if k < j else [[]]):
+        out.append([seg] + r)
+  return out
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    layers=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 12), st.integers(0, 8),
+                              st.integers(1, 9)), min_size=1, max_size=5),
+    frac=st.floats(0.0, 1.0))
+def test_budget_dp_matches_brute_force(layers, frac):
+  c = tuple(lc(a * 100, k * 100, w * 100, f * 1e6) for a, k, w, f in layers)
+  n = len(c)
+  plans = [make_plan(Segment(0, n, tuple(t)), c, n, "") for t in all_trees(0, n, True, False)]
+  lo = min(p.predicted_peak_bytes for p in plans)
+  hi = max(p.predicted_peak_bytes for p in plans)
+  b = int(lo + frac * (hi - lo))
+  best = min(p.predicted_flops for p in plans if p.predicted_peak_bytes <= b)
+  got = S.budget(b).plan(c)
+  assert got.predicted_peak_bytes <= b
+  assert got.predicted_flops == pytest.approx(best, rel=1e-9)
+  with pytest.raises(ValueError, match=f"smallest feasible budget for this chain is {lo:,} bytes"):
+    S.budget(lo - 1).plan(c)
+
+
+def test_budget_on_a_long_uniform_chain_beats_uniform_segmentations():
+  c = [lc(1 << 20, 1 << 20, 1 << 19, 1e9)] * 48
+  for seg in (S.every(4), S.sqrt(), S.multilevel(2), S.revolve(4)):
+    p = seg.plan(c)
+    b = S.budget(p.predicted_peak_bytes).plan(c)
+    assert b.predicted_peak_bytes <= p.predicted_peak_bytes
+    assert b.predicted_flops <= p.predicted_flops, (seg, str(b))
+
+
+def test_offload_hook_is_called_and_device_only_for_now():
+  assert S.offload_candidates((lc(1, 1, 1, 1),), "host") == ()
