@@ -70,6 +70,7 @@ def gpu_placements(kind: str) -> tuple[tuple[str, str], ...]:
   configs = {
       "argnums": (chain_loss, dict(offload=ACT_ONLY)),
       "all_args": (chain_loss, dict(offload=remat.offload.host(min_bytes=0))),
+      "exclude": (chain_loss, dict(offload=remat.offload.host(exclude_argnums=0, min_bytes=0))),
       "closure": (closure_loss, dict(offload=remat.offload.host(min_bytes=0))),
       "policy": (chain_loss, dict(offload=ACT_ONLY, policy=DOTS)),
       "small": (chain_loss, dict(offload=remat.offload.host(argnums=1))),  # 2 KiB < 64 KiB
@@ -175,6 +176,10 @@ def test_gpu_lowering_moves_activations_not_parameters():
   assert all(t == ACT for _, t in placed), placed
 
 
+def test_gpu_lowering_excluded_parameters_never_move():
+  assert gpu_placements("exclude") == gpu_placements("argnums")
+
+
 def test_gpu_lowering_closed_over_parameters_never_move():
   placed = gpu_placements("closure")
   assert sorted(set(placed)) == [("device", ACT), ("pinned_host", ACT)]
@@ -243,6 +248,13 @@ def test_policy_is_frozen_hashable_and_a_cost_model():
   assert not d.worth_moving(1024) and d.worth_moving(1 << 20)
   assert a.moves_input(1) and not a.moves_input(0) and not a.moves_input(None)
   assert not a.moves_input("x") and d.moves_input("x")
+  e = remat.offload.host(argnums=(1, 2), exclude_argnums=2)
+  assert e.moves_input(1) and not e.moves_input(2)
+  # Adapters that prepend (variables, rngs) shift the user's positions and pin the new ones.
+  shifted = e.with_leading_arguments(2)
+  assert shifted.argnums == (3, 4) and shifted.exclude_argnums == (0, 1, 4)
+  assert [shifted.moves_input(i) for i in range(5)] == [False, False, False, True, False]
+  assert not d.with_leading_arguments(2).moves_input(1) and d.with_leading_arguments(2).moves_input(2)
   # Usable as a static argument of jax.jit.
   f = jax.jit(lambda x, p: x * p.min_bytes, static_argnums=1)
   assert float(f(jnp.float32(2), remat.offload.host(min_bytes=3))) == 6.0
@@ -251,6 +263,8 @@ def test_policy_is_frozen_hashable_and_a_cost_model():
 @pytest.mark.parametrize("kwargs, exc, text", [
     (dict(argnums=-1), TypeError, "`argnums`"),
     (dict(argnums="x"), TypeError, "`argnums`"),
+    (dict(exclude_argnums=None), TypeError, "`exclude_argnums`"),
+    (dict(exclude_argnums=(-2,)), TypeError, "`exclude_argnums`"),
     (dict(min_bytes=-1), TypeError, "`min_bytes`"),
     (dict(min_bytes=1.5), TypeError, "`min_bytes`"),
     (dict(bandwidth=0), ValueError, "`bandwidth`"),

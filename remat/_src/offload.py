@@ -105,6 +105,8 @@ class HostOffload:
     argnums: positions (in the call of the checkpointed function) of the
       arguments that hold activations to move, or ``None`` for every dynamic
       argument, keyword arguments included. Closed-over values are never moved.
+    exclude_argnums: positions never moved (parameters), applied after
+      ``argnums``.
     min_bytes: values smaller than this stay in device memory.
     bandwidth: assumed one-direction host link bandwidth in bytes/s, or
       ``None`` for the backend default (``DEFAULT_BANDWIDTH``).
@@ -112,25 +114,19 @@ class HostOffload:
   """
 
   argnums: tuple[int, ...] | None = None
+  exclude_argnums: tuple[int, ...] = ()
   min_bytes: int = DEFAULT_MIN_BYTES
   bandwidth: float | None = None
   latency: float = DEFAULT_LATENCY_S
 
   def __post_init__(self):
-    argnums = self.argnums
-    if argnums is not None:
-      if _is_int(argnums):
-        argnums = (int(argnums),)
-      try:
-        argnums = tuple(argnums)
-      except TypeError:
-        argnums = None
-      if argnums is None or not all(_is_int(i) and i >= 0 for i in argnums):
-        raise TypeError(
-            f"the `argnums` argument to {_API} must be None, a non-negative int or a "
-            f"tuple of them, but got {self.argnums!r}. Pass the positions of the "
-            "activation arguments, e.g. `argnums=(1,)` for `block(params, x)`.")
-      object.__setattr__(self, "argnums", tuple(sorted({int(i) for i in argnums})))
+    if self.argnums is not None:
+      object.__setattr__(self, "argnums", _positions(
+          self.argnums, "argnums", "the positions of the activation arguments, e.g. "
+          "`argnums=(1,)` for `block(params, x)`"))
+    object.__setattr__(self, "exclude_argnums", _positions(
+        self.exclude_argnums, "exclude_argnums", "the positions of the parameter arguments, "
+        "e.g. `exclude_argnums=(0,)` for `block(params, x)`"))
     if not _is_int(self.min_bytes) or self.min_bytes < 0:
       raise TypeError(
           f"the `min_bytes` argument to {_API} must be a non-negative int, but got "
@@ -152,7 +148,20 @@ class HostOffload:
   # -- Cost model, for planners --------------------------------------------
 
   def link_bandwidth(self, backend: str | None = None) -> float:
-    """The assumed one-direction host link bandwidth in bytes/s on ``backend``."""
+    """The assumed one-direction host link bandwidth in bytes/s on ``backend``.
+
+    Args:
+      backend: a platform name; default ``jax.default_backend()``.
+
+    Returns:
+      ``bandwidth`` if set, else ``DEFAULT_BANDWIDTH`` for the platform.
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host().link_bandwidth("cuda")
+      50000000000.0
+    """
     if self.bandwidth is not None:
       return self.bandwidth
     return DEFAULT_BANDWIDTH.get(_platform(backend or jax.default_backend()), DEFAULT_BANDWIDTH["gpu"])
@@ -180,21 +189,77 @@ class HostOffload:
     return self.latency + float(nbytes) / self.link_bandwidth(backend)
 
   def round_trip_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
-    """Time to move ``nbytes`` to host in the forward pass and back in the backward."""
+    """Time to move ``nbytes`` to host in the forward pass and back in the backward.
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host(bandwidth=1e9, latency=0.0).round_trip_seconds(5e8)
+      1.0
+    """
     return 2.0 * self.transfer_seconds(nbytes, backend=backend)
 
   def worth_moving(self, nbytes: int) -> bool:
-    """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``)."""
+    """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``).
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host(min_bytes=1024).worth_moving(512)
+      False
+    """
     return nbytes > 0 and nbytes >= self.min_bytes
 
   def moves_input(self, origin: int | str | None) -> bool:
     """Whether an input leaf from ``origin`` (a position, a keyword, or ``None``
-    for a closed-over value) is an activation this policy moves."""
+    for a closed-over value) is an activation this policy moves.
+
+    Example:
+
+      >>> import remat
+      >>> p = remat.offload.host(exclude_argnums=0)
+      >>> p.moves_input(0), p.moves_input(1), p.moves_input(None)
+      (False, True, False)
+    """
     if origin is None:
+      return False
+    if isinstance(origin, int) and origin in self.exclude_argnums:
       return False
     if self.argnums is None:
       return True
     return isinstance(origin, int) and origin in self.argnums
+
+  def with_leading_arguments(self, n: int) -> HostOffload:
+    """The same policy for a wrapper that prepends ``n`` positional arguments.
+
+    For adapters (Flax) that call ``remat.checkpoint`` on
+    ``inner(variables, rngs, *user_args)``: the user's positions shift by
+    ``n`` and the ``n`` leading arguments (variables, RNG state) never move.
+
+    Args:
+      n: the number of positional arguments the wrapper puts first.
+
+    Returns:
+      A new :class:`HostOffload`.
+
+    Raises:
+      TypeError: if ``n`` is not a non-negative int.
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host(argnums=1).with_leading_arguments(2).argnums
+      (3,)
+      >>> remat.offload.host().with_leading_arguments(2).exclude_argnums
+      (0, 1)
+    """
+    if not _is_int(n) or n < 0:
+      raise TypeError(
+          f"`HostOffload.with_leading_arguments` expects a non-negative int, but got {n!r}.")
+    return dataclasses.replace(
+        self,
+        argnums=None if self.argnums is None else tuple(i + n for i in self.argnums),
+        exclude_argnums=tuple(range(n)) + tuple(i + n for i in self.exclude_argnums))
 
   # -- Hooks called by `remat.checkpoint` ----------------------------------
 
@@ -243,8 +308,9 @@ class HostOffload:
     return jax.tree_util.tree_unflatten(res.treedef, leaves)
 
 
-def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT_MIN_BYTES,
-         bandwidth: float | None = None, latency: float = DEFAULT_LATENCY_S) -> HostOffload:
+def host(*, argnums: int | Sequence[int] | None = None, exclude_argnums: int | Sequence[int] = (),
+         min_bytes: int = DEFAULT_MIN_BYTES, bandwidth: float | None = None,
+         latency: float = DEFAULT_LATENCY_S) -> HostOffload:
   """An offload policy that keeps checkpoint residuals in host memory (``pinned_host``).
 
   Pass it as ``remat.checkpoint(fn, offload=remat.offload.host(...))``. In the
@@ -253,7 +319,8 @@ def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT
   ``policy=None`` those values are the function's inputs: the activations
   among them move, parameters do not. Parameters stay resident anyway, so
   moving them would free nothing: pass them by closure (closed-over values
-  never move) or leave their positions out of ``argnums``. With a jax
+  never move), list them in ``exclude_argnums``, or name the activations in
+  ``argnums``. With a jax
   ``policy=``, the intermediates it saves move too.
 
   On a backend that does not execute memory-kind moves (XLA:CPU, see
@@ -265,6 +332,8 @@ def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT
     argnums: positions of the checkpointed function's arguments that hold
       activations (``argnums=1`` for ``block(params, x)``), or ``None`` to move
       every dynamic argument (keyword arguments included).
+    exclude_argnums: positions that never move, e.g. ``exclude_argnums=0`` for
+      the parameters of ``block(params, x)``.
     min_bytes: values smaller than this are not worth a transfer and stay on
       device (default 64 KiB; 0 moves everything).
     bandwidth: one-direction host link bandwidth in bytes/s assumed by
@@ -276,7 +345,8 @@ def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT
     A frozen, hashable :class:`HostOffload`.
 
   Raises:
-    TypeError: if ``argnums`` is not None or non-negative ints, or ``min_bytes``
+    TypeError: if ``argnums`` is not None or non-negative ints, ``exclude_argnums``
+      is not non-negative ints, or ``min_bytes``
       is not a non-negative int.
     ValueError: if ``bandwidth`` or ``latency`` is not a positive (non-negative)
       finite number.
@@ -293,7 +363,8 @@ def host(*, argnums: int | Sequence[int] | None = None, min_bytes: int = DEFAULT
     >>> bool(jnp.allclose(g, jax.grad(lambda w: block(w, x).sum())(w)))
     True
   """
-  return HostOffload(argnums=argnums, min_bytes=min_bytes, bandwidth=bandwidth, latency=latency)  # type: ignore[arg-type]
+  return HostOffload(argnums=argnums, exclude_argnums=exclude_argnums,  # type: ignore[arg-type]
+                     min_bytes=min_bytes, bandwidth=bandwidth, latency=latency)
 
 
 ### Implementation
@@ -329,6 +400,19 @@ class _Offloaded:
   @classmethod
   def tree_unflatten(cls, aux, leaves):
     return cls(leaves, *aux)
+
+
+def _positions(value, name: str, fix: str) -> tuple[int, ...]:
+  nums = (value,) if _is_int(value) else value
+  try:
+    nums = tuple(nums)
+  except TypeError:
+    nums = None
+  if nums is None or not all(_is_int(i) and i >= 0 for i in nums):
+    raise TypeError(
+        f"the `{name}` argument to {_API} must be a non-negative int or a tuple of them"
+        f"{' (or None)' if name == 'argnums' else ''}, but got {value!r}. Pass {fix}.")
+  return tuple(sorted({int(i) for i in nums}))
 
 
 def _platform(name: str) -> str:
