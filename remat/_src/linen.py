@@ -128,12 +128,12 @@ def checkpoint(
   for name in method_names:
     _check_static_in_range(nums, getattr(base, name), name)
 
-  lifted = functools.partial(
-      _lift_checkpoint, variables=variables, rngs=rngs,
-      static_argnums=tuple(i - 1 for i in nums),  # `self` is not passed on
-      policy=policy, offload=offload, prevent_cse=prevent_cse)
+  lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
+                             static_argnums=tuple(i - 1 for i in nums),  # no `self`
+                             policy=policy, offload=offload, prevent_cse=prevent_cse)
   lifted.__name__ = "checkpoint"  # type: ignore[attr-defined]
-  out = linen_transforms.lift_transform(lifted, module_cls, methods=list(method_names))
+  out = linen_transforms.lift_transform(
+      lifted, module_cls, methods={name: {"method_name": name} for name in method_names})
   cls = out.func if isinstance(out, functools.partial) else out
   # Keep the original class name: linen derives auto-names (`Block_0`) from it.
   cls.__name__ = base.__name__
@@ -145,11 +145,12 @@ def checkpoint(
 ### Implementation
 
 
-def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, prevent_cse):
+def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, prevent_cse,
+                     method_name="__call__"):
   """``flax.core.lift.checkpoint`` with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
-    name = getattr(fn, "__name__", "method")
+    name = method_name
     static = set()
     for i in static_argnums:
       if i >= len(args):
