@@ -291,3 +291,19 @@ def test_checkpoint_rejects_a_non_policy(bad, hint):
 def test_to_device_rejects_foreign_residuals():
   with pytest.raises(TypeError, match="to_host"):
     remat.offload.host().to_device((np.ones(3),))
+
+
+def test_offload_inside_lax_scan():
+  """A checkpointed, offloaded layer as a scan body: exact, one move each way in the loop bodies."""
+  ws = jnp.stack(make()[0])
+  x = make()[1]
+  ck = remat.checkpoint(layer, offload=ACT_ONLY)
+
+  def loss(ws, x, f):
+    x, _ = jax.lax.scan(lambda x, w: (f(w, x), None), x, ws)
+    return jnp.sum(x ** 2)
+
+  step_fn = jax.jit(jax.grad(loss), static_argnums=2)
+  chex.assert_trees_all_close(step_fn(ws, x, ck), jax.grad(loss)(ws, x, layer), atol=1e-5, rtol=1e-5)
+  text = jax.export.export(step_fn, platforms=["cuda"])(ws, x, ck).mlir_module()
+  assert _PLACEMENT.findall(text) == [("pinned_host", ACT), ("device", ACT)]
