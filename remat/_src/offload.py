@@ -335,7 +335,8 @@ def host(*, argnums: int | Sequence[int] | None = None, exclude_argnums: int | S
     exclude_argnums: positions that never move, e.g. ``exclude_argnums=0`` for
       the parameters of ``block(params, x)``.
     min_bytes: values smaller than this are not worth a transfer and stay on
-      device (default 64 KiB; 0 moves everything).
+      device (default 64 KiB; 0 moves everything). Sizes are global (before
+      sharding): inside ``jit`` the per-device shard size is not known.
     bandwidth: one-direction host link bandwidth in bytes/s assumed by
       :meth:`HostOffload.transfer_seconds`; ``None`` uses a per-backend default
       (gpu 50e9, tpu 25e9, cpu 10e9).
