@@ -9,8 +9,7 @@ transformer under four plans and, for the offload plans, ASSERTS that
 then it prints device temp memory, host temp memory, flops and the median step
 time of every plan as a ratio against plain backprop (interleaved runs, same
 process). The default size needs about 10-20 GB for plain backprop on an H200
-(141 GB) and finishes in well under
-five minutes (mostly compile time).
+(141 GB) and finishes in well under five minutes (mostly compile time).
 
 Plans:
   plain          jax.value_and_grad, every activation kept on device
