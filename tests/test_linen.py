@@ -27,7 +27,7 @@ def lm_setup():
   x, y = next(data.lm_batches(4, 16, seed=3))
   model = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=16, depth=2, width=32, heads=4,
                                dropout_rate=0.2)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   return jnp.asarray(x), jnp.asarray(y), params
 
 
@@ -63,12 +63,12 @@ def test_model_parameter_tree_identical_and_weights_load_unchanged():
   x, y, params = lm_setup()
   model = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=16, depth=2, width=32, heads=4,
                                dropout_rate=0.2, block_wrapper=ours)
-  chex.assert_trees_all_equal(model.init(jax.random.key(0), x)["params"], params)
+  chex.assert_trees_all_equal(jax.jit(model.init)(jax.random.key(0), x)["params"], params)
   # Weights from the plain model give the same outputs in the checkpointed one.
   plain = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=16, depth=2, width=32, heads=4,
                                dropout_rate=0.2)
-  chex.assert_trees_all_close(model.apply({"params": params}, x),
-                              plain.apply({"params": params}, x), atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(model.apply)({"params": params}, x),
+                              jax.jit(plain.apply)({"params": params}, x), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ours", "flax"])
@@ -103,8 +103,9 @@ def test_dropout_gradients_eager_and_train_flag_as_keyword():
   p = Plain().init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, h)["params"]
 
   def grads(m):
-    return jax.grad(lambda p, h: m.apply({"params": p}, h, rngs={"dropout": jax.random.key(3)}).sum(),
-                    argnums=(0, 1))(p, h)
+    return jax.jit(jax.grad(
+        lambda p, h: m.apply({"params": p}, h, rngs={"dropout": jax.random.key(3)}).sum(),
+        argnums=(0, 1)))(p, h)
 
   chex.assert_trees_all_close(grads(Wrapper()), grads(Plain()), atol=1e-5, rtol=1e-5)
 
@@ -234,9 +235,9 @@ def test_nn_jit_and_methods_option():
 
 @functools.lru_cache(maxsize=None)
 def lm_profile(kind, depth=6):
-  model = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=64, depth=depth, width=64, heads=4,
+  model = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=32, depth=depth, width=32, heads=4,
                                dropout_rate=0.1, block_wrapper=WRAPPERS[kind])
-  x = jnp.zeros((16, 64), jnp.int32)
+  x = jnp.zeros((16, 32), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
 
   def step(params, x, key):
