@@ -2,14 +2,17 @@
 
 Residual sizes read from the jaxpr mislead (XLA fuses elementwise chains and
 drops duplicated values; DESIGN.md fact 7). Each *distinct* layer (same
-computation, same shapes) is calibrated with two tiny compiles of its
-training step, compiled as ``remat.jit`` would:
+computation, same shapes) is calibrated with small compiles of its training
+step, compiled as ``remat.jit`` would, in the regime where taped layers live
+in a plan (recomputed inside a checkpoint's backward pass):
 
-* the layer alone: temp ``T1`` (its residuals and its working set; its input
-  is an argument, so it is not counted);
-* the layer twice in a row: temp ``T2``. ``T2 - T1`` is what one more taped
-  layer keeps (``kept_bytes``, the intermediate activation included); the
-  rest of ``T1`` is the transient working set (``transient_bytes``).
+* the layer alone, checkpointed: temp ``T1`` (its residuals and its working
+  set; its input is an argument, so it is not counted);
+* the layer twice in a row (own parameters each), checkpointed: temp ``T2``.
+  ``T2 - T1`` is what one more taped layer keeps (``kept_bytes``, the
+  intermediate activation included); the rest of ``T1`` is the transient
+  working set (``transient_bytes``);
+* its forward alone: flops and the working set of a forward without tape.
 
 Results are cached by the layer's jaxpr (which includes the shapes), so a
 stack of identical blocks costs two compiles, once per shape.
@@ -24,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from remat._src import profile as profile_lib
+from remat._src import transform
 from remat._src.plan import LayerCost, layer_callers, tree_bytes
 
-_CACHE: dict[Any, tuple[int, int, float, float]] = {}
+_CACHE: dict[Any, tuple[int, int, float, float, int]] = {}
 
 
 def spec(tree):
@@ -46,19 +50,19 @@ def loss_of(y):
 
 
 def step_of(fn: Callable) -> Callable:
-  """The chain's training step whose temp memory plans predict: a jitted, donating SGD step.
+  """The chain's training step whose temp memory plans predict.
 
-  ``value_and_grad`` of ``loss_of(fn(params, x, key))`` with respect to
-  ``params`` and ``x``, then ``params - lr * grads`` and ``x - lr * dx``
-  returned in the donated buffers. Outputs that alias their inputs keep XLA
-  from hiding temporaries in gradient buffers, so ``temp_bytes`` is the
-  activation memory (DESIGN.md, "How we measure").
+  ``jax.value_and_grad`` of ``loss_of(fn(params, x, key))`` with respect to
+  ``params`` and ``x``, returning the loss and both gradients. (A step that
+  donates parameters and returns updated ones was tried: XLA then schedules
+  some parameter updates late and the temp memory of uniform chains no
+  longer follows the schedule, while with this step it matches it exactly.
+  Gradient outputs may host temporaries, which only makes the compiled
+  program smaller than predicted.)
   """
   def step(params, x, key):
-    loss, (gp, gx) = jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
-    upd = lambda a, g: a - 1e-3 * g.astype(a.dtype) if hasattr(a, "dtype") else a  # noqa: E731
-    return loss, jax.tree_util.tree_map(upd, params, gp), jax.tree_util.tree_map(upd, x, gx)
-  return jax.jit(step, donate_argnums=(0, 1))
+    return jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
+  return step
 
 
 def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
@@ -97,10 +101,10 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
   for f, p in zip(callers, params, strict=True):
     p_spec = spec(p)
     y_spec = jax.eval_shape(f, p_spec, x_spec, key_spec)
-    kept, transient, flops, step_flops = _layer_costs(f, p_spec, x_spec, key_spec, y_spec)
+    kept, transient, flops, step_flops, fwd_temp = _layer_costs(f, p_spec, x_spec, key_spec, y_spec)
     out.append(LayerCost(input_bytes=tree_bytes(x_spec), output_bytes=tree_bytes(y_spec),
                          kept_bytes=kept, transient_bytes=transient, flops=flops,
-                         step_flops=step_flops))
+                         step_flops=step_flops, forward_transient_bytes=fwd_temp))
     x_spec = y_spec
   return tuple(out)
 
@@ -120,11 +124,14 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
   ck = layer_cache_key(f, p_spec, x_spec, key_spec)
   if ck in _CACHE:
     return _CACHE[ck]
-  one = profile_lib.profile(step_of(f), p_spec, x_spec, key_spec)
+  # Calibrate in the regime where taped layers live in a plan: recomputed
+  # inside a checkpoint's backward pass.
+  one = profile_lib.profile(step_of(transform.checkpoint(f)), p_spec, x_spec, key_spec)
   fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
   if _same_structure(x_spec, y_spec):
-    twice = lambda p, x, k: f(p, f(p, x, k), k)
-    two = profile_lib.profile(step_of(twice), p_spec, x_spec, key_spec)
+    # Two layers with their own parameters: each keeps its own gradient buffer.
+    twice = transform.checkpoint(lambda ps, x, k: f(ps[1], f(ps[0], x, k), k))
+    two = profile_lib.profile(step_of(twice), (p_spec, p_spec), x_spec, key_spec)
     kept = max(two.temp_bytes - one.temp_bytes, 0)
   else:
     # A layer that changes the activation's shape cannot be repeated: estimate
@@ -134,6 +141,7 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
     kept = min(kept, one.temp_bytes)
   transient = max(one.temp_bytes - kept, 0)
   flops = fwd.flops if fwd.flops == fwd.flops else 0.0
-  step_flops = one.flops if one.flops == one.flops else 3.0 * flops
-  _CACHE[ck] = (int(kept), int(transient), float(flops), float(step_flops))
+  # ``one`` ran the layer's forward twice (checkpointed): a taped step is the rest.
+  step_flops = one.flops - flops if one.flops == one.flops else 3.0 * flops
+  _CACHE[ck] = (int(kept), int(transient), float(flops), float(step_flops), int(fwd.temp_bytes))
   return _CACHE[ck]

@@ -59,6 +59,8 @@ class LayerCost:
       runs (buffers that die inside the layer, cotangents).
     flops: forward flops.
     step_flops: flops of its taped forward plus its backward.
+    forward_transient_bytes: working memory of its forward pass without tape
+      (internal buffers beyond its input and output).
   """
 
   input_bytes: int
@@ -67,6 +69,7 @@ class LayerCost:
   transient_bytes: int
   flops: float
   step_flops: float
+  forward_transient_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +245,7 @@ class _Simulator:
           c = self._c(i)
           self.flops += c.flops
           inp = 0.0 if i == seg.start else c.input_bytes
-          self._bump(inp + c.output_bytes)
+          self._bump(inp + c.output_bytes + c.forward_transient_bytes)
       self._count_states()
       return ("ckpt", b)
     if seg.children:

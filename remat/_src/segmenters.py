@@ -369,7 +369,7 @@ class _BudgetDP:
       v = 0.0
       for t in range(i, k):
         c = self.c[t]
-        v = max(v, (0.0 if t == i else c.input_bytes) + c.output_bytes)
+        v = max(v, (0.0 if t == i else c.input_bytes) + c.output_bytes + c.forward_transient_bytes)
       self._pf[key] = v
     return self._pf[key]
 

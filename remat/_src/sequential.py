@@ -163,22 +163,32 @@ def _budget_plan(layers, seg: seg_lib.budget, p_spec, x_spec, k_spec) -> plan_li
   if cache_key in _PLANS:
     return _PLANS[cache_key]
   costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec)
+  smallest = seg_lib._BudgetDP(costs).min_peak()
   target = seg.max_bytes
-  tried = []
+  tried, seen, best = [], set(), None
   for _ in range(seg.max_compiles):
     plan = seg.plan(costs, target_bytes=target)
+    if plan.root in seen:
+      break
+    seen.add(plan.root)
     temp = _compiled_temp(plan, layers, p_spec, x_spec, k_spec)
     tried.append((plan.forward_evaluations, plan.predicted_peak_bytes, temp))
-    if temp <= seg.max_bytes:
-      plan = dataclasses.replace(plan, compiled_temp_bytes=temp)
-      _PLANS[cache_key] = plan
-      return plan
-    # The compiled program kept more than predicted: aim lower by the overshoot.
-    new_target = int(math.floor(min(target * seg.max_bytes / temp, target - 1)))
-    smallest = seg_lib._BudgetDP(costs).min_peak()
-    if new_target < smallest:
+    fits = temp <= seg.max_bytes
+    if fits and (best is None or plan.predicted_flops < best.predicted_flops):
+      best = dataclasses.replace(plan, compiled_temp_bytes=temp)
+    if fits and (plan.recomputed_evaluations == 0 or temp >= 0.98 * seg.max_bytes):
       break
-    target = new_target
+    # Correct the model's bias with the compiled number: aim lower after an
+    # overshoot, higher when the program came out smaller than predicted.
+    if fits:
+      target = int(target * seg.max_bytes / max(temp, 1))
+    else:
+      target = int(math.floor(min(target * seg.max_bytes / temp, plan.predicted_peak_bytes - 1)))
+      if target < smallest:
+        break
+  if best is not None:
+    _PLANS[cache_key] = best
+    return best
   detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
   raise ValueError(
       f"`remat.segmenters.budget({seg.max_bytes})`: no plan found whose compiled temp memory fits "
