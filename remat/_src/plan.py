@@ -134,6 +134,8 @@ class Plan:
     segmenter: a description of what made the plan.
     compiled_temp_bytes: the compiled temp memory of the step when the plan
       was verified by compiling it (``budget``), else ``None``.
+    layer_evaluations: forward evaluations of each layer (they sum to
+      ``forward_evaluations``).
   """
 
   root: Segment
@@ -144,6 +146,7 @@ class Plan:
   predicted_flops: float | None
   segmenter: str = ""
   compiled_temp_bytes: int | None = None
+  layer_evaluations: tuple[int, ...] = dataclasses.field(default=(), repr=False)
 
   @property
   def recomputed_evaluations(self) -> int:
@@ -184,7 +187,8 @@ def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int,
               stored_states=sim.max_states,
               predicted_peak_bytes=None if costs is None or sim.unit else int(sim.peak),
               predicted_flops=None if costs is None else float(sim.flops),
-              segmenter=segmenter, compiled_temp_bytes=compiled_temp_bytes)
+              segmenter=segmenter, compiled_temp_bytes=compiled_temp_bytes,
+              layer_evaluations=tuple(sim.per_layer))
 
 
 class _Simulator:
@@ -195,6 +199,7 @@ class _Simulator:
     self.costs = costs
     self.n = n
     self.evals = 0
+    self.per_layer = [0] * n
     self.flops = 0.0
     self.held = 0.0           # bytes held
     self.peak = 0.0
@@ -241,6 +246,7 @@ class _Simulator:
       self._hold_state(seg.start)
       for i in range(seg.start, seg.stop if output_needed else seg.start):  # forward without tape
         self.evals += 1
+        self.per_layer[i] += 1
         if not self.unit:
           c = self._c(i)
           self.flops += c.flops
@@ -254,6 +260,7 @@ class _Simulator:
     kept = []
     for i in range(seg.start, seg.stop):
       self.evals += 1
+      self.per_layer[i] += 1
       self._hold_state(i)
       self._count_states(working=i)
       if not self.unit:

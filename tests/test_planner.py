@@ -1,0 +1,238 @@
+"""Plans applied with remat.sequential, checked against the compiled program.
+
+Forward evaluations are counted as forward matmuls in the optimized HLO of a
+``jax.value_and_grad`` step; memory is ``remat.profile(step).temp_bytes``.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import remat
+from remat import segmenters as S
+
+BATCH, WIDTH = 512, 256
+ACT = BATCH * WIDTH * 4
+
+
+def cheap(w, x):
+  return jnp.tanh(x @ w)
+
+
+def fwd_dots(prof):
+  return prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+
+
+@functools.lru_cache(maxsize=None)
+def uniform_profile(depth, seg):
+  apply = remat.sequential([cheap] * depth, seg)
+  ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * depth
+  x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32)
+  step = remat.jit(jax.value_and_grad(lambda ws, x: apply(ws, x).sum()))
+  return remat.profile(step, ws, x), apply.plan_for(ws, x)
+
+
+UNIFORM = [(16, S.every(4)), (16, S.every(1)), (16, S.none()), (16, S.revolve(2)), (16, S.revolve(3)),
+           (16, S.revolve(5)), (16, S.multilevel(2)), (32, S.revolve(4)), (64, S.sqrt()),
+           (64, S.multilevel(2)), (64, S.revolve(3))]
+
+
+@pytest.mark.parametrize("depth,seg", UNIFORM, ids=[f"{d}-{s!r}" for d, s in UNIFORM])
+def test_compiled_forward_matmuls_equal_the_plan(depth, seg):
+  prof, plan = uniform_profile(depth, seg)
+  assert plan.num_layers == depth
+  assert fwd_dots(prof) == plan.forward_evaluations == sum(plan.layer_evaluations)
+  if isinstance(seg, S.none):
+    assert fwd_dots(prof) == depth * (depth + 1) // 2
+  if isinstance(seg, S.revolve):
+    assert fwd_dots(prof) == S.revolve_evaluations(depth, seg.slots)
+
+
+def test_compiled_memory_follows_the_stored_states():
+  act = lambda d, s: uniform_profile(d, s)[0].temp_bytes / ACT
+  for depth, seg in UNIFORM:
+    if isinstance(seg, S.revolve):
+      assert act(depth, seg) <= seg.slots + 2.5, (depth, seg)
+  assert act(64, S.sqrt()) <= 19
+  assert act(64, S.multilevel(2)) <= 15
+  assert act(64, S.multilevel(2)) < act(64, S.sqrt())
+  assert act(16, S.none()) <= 3.5
+  assert act(16, S.every(1)) >= 15  # every block: one stored input per layer
+
+
+@pytest.mark.parametrize("seg", [S.every(4), S.sqrt(), S.multilevel(2), S.revolve(3), S.none()],
+                         ids=repr)
+def test_predicted_temp_matches_compiled_within_10_percent_on_uniform_chains(seg):
+  ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * 16
+  x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32)
+  p = S.plan_for([cheap] * 16, seg, ws, x, compile=True)
+  assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
+  assert p.predicted_flops > 0 and "compiled temp" in str(p)
+
+
+# -- gradients ------------------------------------------------------------------------
+
+def dropout_layer(w, x, key):
+  return remat.rng.dropout(key, jnp.tanh(x @ w), 0.25)
+
+
+def small_chain(depth=7, h=8, seed=0):
+  ks = jax.random.split(jax.random.key(seed), depth + 1)
+  ws = [jax.random.normal(k, (h, h)) / jnp.sqrt(h) for k in ks[:-1]]
+  return ws, jax.random.normal(ks[-1], (4, h))
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("seg", [S.every(3), S.sqrt(), S.multilevel(2), S.revolve(2), S.none()], ids=repr)
+def test_gradients_equal_plain_backprop_with_exact_dropout(seg, use_jit):
+  ws, x = small_chain()
+  key = jax.random.key(7)
+
+  def plain(ws, x):
+    for i, w in enumerate(ws):
+      x = dropout_layer(w, x, remat.rng.layer_key(key, i))
+    return x.sum()
+
+  apply = remat.sequential([dropout_layer] * len(ws), seg)
+  grad = jax.value_and_grad(lambda ws, x: apply(ws, x, key).sum(), argnums=(0, 1))
+  if use_jit:
+    grad = remat.jit(grad)
+  got = grad(ws, x)
+  want = jax.value_and_grad(plain, argnums=(0, 1))(ws, x)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_same_segmentation_as_jax_checkpoint_is_bit_identical():
+  ws, x = small_chain(depth=8)
+
+  def by_hand(ws, x):
+    def seg(ws, x):
+      for w in ws:
+        x = cheap(w, x)
+      return x
+    for i in range(0, 8, 4):
+      x = jax.checkpoint(seg)(ws[i:i + 4], x)
+    return x.sum()
+
+  apply = remat.sequential([cheap] * 8, S.every(4))
+  got = jax.grad(lambda ws: apply(ws, x).sum())(ws)
+  chex.assert_trees_all_equal(got, jax.grad(by_hand)(ws, x))
+
+
+def test_a_plan_can_be_passed_directly_and_layers_may_differ():
+  ws, x = small_chain(depth=4)
+  layers = [cheap, lambda w, x: jnp.sin(x @ w), cheap, lambda w, x: x @ w]
+  plan = S.revolve(2).plan(4)
+  apply = remat.sequential(layers, plan)
+  assert apply.plan_for(ws, x) is plan
+
+  def plain(ws):
+    y = x
+    for f, w in zip(layers, ws, strict=True):
+      y = f(w, y)
+    return y.sum()
+
+  chex.assert_trees_all_close(jax.grad(lambda ws: apply(ws, x).sum())(ws), jax.grad(plain)(ws),
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_errors():
+  with pytest.raises(ValueError, match=r"`remat.sequential` needs at least one layer"):
+    remat.sequential([], S.sqrt())
+  with pytest.raises(TypeError, match=r"`remat.sequential`: layer 1 must be a function"):
+    remat.sequential([cheap, 3], S.sqrt())
+  with pytest.raises(TypeError, match=r"`remat.Plan` or a segmenter.*'sqrt'"):
+    remat.sequential([cheap], "sqrt")
+  with pytest.raises(ValueError, match=r"plan is for 4 layers but the chain has 2"):
+    remat.sequential([cheap] * 2, S.every(2).plan(4))
+  apply = remat.sequential([cheap] * 2, S.every(1))
+  with pytest.raises(ValueError, match=r"got 3 parameter entries for 2 layers"):
+    apply([jnp.eye(2)] * 3, jnp.ones((1, 2)))
+
+
+# -- budget: measured costs, verified by compiling ---------------------------------------
+
+HB, HW = 2048, 128          # activations dominate the parameters
+HACT = HB * HW * 4
+
+
+def wide(p, x):
+  """A layer with large internal residuals (4x the activation)."""
+  return jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"])
+
+
+def hetero_chain():
+  layers, ps = [], []
+  for i in range(12):
+    if i % 3 == 0:
+      layers.append(wide)
+      ps.append({"a": jax.ShapeDtypeStruct((HW, 4 * HW), jnp.float32),
+                 "b": jax.ShapeDtypeStruct((4 * HW, HW), jnp.float32)})
+    else:
+      layers.append(cheap)
+      ps.append(jax.ShapeDtypeStruct((HW, HW), jnp.float32))
+  return layers, ps, jax.ShapeDtypeStruct((HB, HW), jnp.float32)
+
+
+def chain_step(layers, seg):
+  apply = remat.sequential(layers, seg)
+  return remat.jit(jax.value_and_grad(lambda ps, x: apply(ps, x).sum(), argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 12])
+def test_budget_dominates_every_uniform_segmentation(k):
+  layers, ps, x = hetero_chain()
+  uniform = remat.profile(chain_step(layers, S.every(k)), ps, x)
+  m = uniform.temp_bytes
+  plan = S.plan_for(layers, S.budget(m), ps, x)
+  planned = remat.profile(chain_step(layers, S.budget(m)), ps, x)
+  assert planned.temp_bytes == plan.compiled_temp_bytes
+  assert planned.temp_bytes <= 1.05 * m
+  assert planned.flops <= uniform.flops * (1 + 1e-6), (k, str(plan))
+  # A wide layer makes two forward matmuls, a cheap one one.
+  assert fwd_dots(planned) == sum(n * (2 if f is wide else 1)
+                                  for n, f in zip(plan.layer_evaluations, layers, strict=True))
+  # Prediction vs compiled for the uniform plan and the chosen one.
+  every_plan = S.plan_for(layers, S.every(k), ps, x, compile=True)
+  assert every_plan.compiled_temp_bytes == m
+  for p in (every_plan, plan):
+    assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
+
+
+def test_budget_recomputes_nothing_where_plain_fits_and_replans_per_shape():
+  layers = [cheap] * 12
+  ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * 12
+  small, large = (jax.ShapeDtypeStruct((n, WIDTH), jnp.float32) for n in (256, 1024))
+  m = 8 * ACT                     # plain needs 12 activations of the 512-row chain
+  seg = S.budget(m)
+  p_small, p_large = S.plan_for(layers, seg, ws, small), S.plan_for(layers, seg, ws, large)
+  assert p_small.recomputed_evaluations == 0          # 12 half-size activations fit
+  assert p_large.recomputed_evaluations > 0 and p_large.compiled_temp_bytes <= m
+  step = chain_step(layers, seg)
+  for x, p in ((small, p_small), (large, p_large)):
+    prof = remat.profile(step, ws, x)
+    assert prof.temp_bytes <= m and fwd_dots(prof) == p.forward_evaluations
+
+
+def test_budget_under_jit_plans_at_trace_time_and_matches_plain_gradients():
+  ws, x = small_chain(depth=6, h=64)
+  x = jnp.tile(x, (128, 1))                  # 512 x 64: 128 KiB activations
+  apply = remat.sequential([cheap] * 6, S.budget(4 * x.size * 4))
+  got = jax.jit(jax.grad(lambda ws: apply(ws, x).sum()))(ws)
+  want = jax.grad(lambda ws: remat.sequential([cheap] * 6, S.every(100))(ws, x).sum())(ws)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)  # sums over 512 rows
+  plan = apply.plan_for(ws, x)
+  assert plan.recomputed_evaluations > 0 and plan.compiled_temp_bytes <= 4 * x.size * 4
+
+
+def test_budget_below_the_smallest_names_it():
+  layers, ps, x = hetero_chain()
+  costs = S.measure_costs(layers, ps, x)
+  with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is [\d,]+ bytes"):
+    S.plan_for(layers, S.budget(HACT), ps, x)
+  # Costs are measured from XLA and cached by the layer's computation and shape.
+  assert costs[0] == costs[3] and costs[1] == costs[2]
+  assert costs[0].kept_bytes > 3 * HACT and costs[1].kept_bytes == pytest.approx(HACT, rel=0.01)
