@@ -84,7 +84,8 @@ class multilevel:  # noqa: N801
   Each level splits its range into about ``b = ceil(D^(1/(levels+1)))``
   checkpointed segments; the innermost segments (about ``b`` layers) run
   taped. ``multilevel(1)`` is :class:`sqrt`; ``multilevel(2)`` keeps
-  ``O(D^(1/3))`` activations for ``3 D`` forward evaluations.
+  ``O(D^(1/3))`` activations for about ``3 D`` forward evaluations (less the
+  forwards of trailing inner segments, which a recomputation does not need).
 
   Args:
     levels: nesting depth, a positive int.
@@ -97,7 +98,7 @@ class multilevel:  # noqa: N801
     >>> import remat
     >>> p = remat.segmenters.multilevel(2).plan(64)
     >>> p.forward_evaluations
-    192
+    176
   """
 
   levels: int
@@ -167,7 +168,7 @@ class revolve:  # noqa: N801
     >>> import remat
     >>> p = remat.segmenters.revolve(3).plan(16)
     >>> p.forward_evaluations, p.stored_states
-    (42, 3)
+    (49, 3)
   """
 
   slots: int

@@ -56,7 +56,7 @@ def sequential(layers: Sequence[Callable], plan_or_segmenter: Any) -> Callable:
     >>> ws, x = [jnp.eye(4) * 0.5] * 8, jnp.ones((2, 4))
     >>> g = jax.grad(lambda ws: apply(ws, x).sum())(ws)
     >>> apply.plan_for(ws, x).forward_evaluations
-    20
+    22
   """
   layers = tuple(layers)
   if not layers:
