@@ -7,5 +7,6 @@ Example:
 """
 
 from remat._src.linen import checkpoint
+from remat._src.linen_sequential import Sequential
 
-__all__ = ["checkpoint"]
+__all__ = ["Sequential", "checkpoint"]

@@ -7,5 +7,6 @@ Example:
 """
 
 from remat._src.nnx import checkpoint
+from remat._src.nnx_sequential import Sequential
 
-__all__ = ["checkpoint"]
+__all__ = ["Sequential", "checkpoint"]
