@@ -1,6 +1,8 @@
 """remat.linen.checkpoint against the plain module and flax.linen.remat."""
 
 import functools
+import re
+import warnings
 
 import chex
 import flax.linen as nn
@@ -273,11 +275,42 @@ def test_mlp_forward_evaluations_doubled():
   assert counts == {"plain": 4, "ours": 8, "flax": 8}
 
 
+def test_policy_and_offload_are_passed_through():
+  x = jnp.ones((32, 16))
+  m = models.MLP(4, 16, block_wrapper=functools.partial(
+      remat.linen.checkpoint, policy=jax.checkpoint_policies.dots_saveable))
+  p = m.init(jax.random.key(0), x)["params"]
+  step = jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2))
+  # dots are saved, so none is recomputed: as many forward dots as without checkpointing.
+  assert remat.profile(step, p).count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == 4
+
+  host = remat.offload.host(argnums=1, min_bytes=0)  # x of __call__(self, x), counting self
+  m = models.MLP(2, 16, block_wrapper=functools.partial(remat.linen.checkpoint, offload=host))
+  loss = lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
+    # XLA:CPU drops placements (DESIGN.md fact 5): read them from the GPU lowering.
+    text = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(p).mlir_module()
+    g = jax.jit(jax.grad(loss))(p)
+  placed = re.findall(r"annotate_device_placement\(%[^)]*\)[^\n]*?_xla_buffer_placement = "
+                      r"\"(\w+)\"[^\n]*?: \((tensor<[^>]*>)", text)
+  # The block inputs (activations, 32x16) go to host; the variables (16x16, 16) never do.
+  assert placed.count(("pinned_host", "tensor<32x16xf32>")) == 2, placed
+  assert all(t == "tensor<32x16xf32>" for _, t in placed), placed
+  plain = models.MLP(2, 16)
+  chex.assert_trees_all_close(
+      g, jax.grad(lambda p: jnp.sum(plain.apply({"params": p}, x) ** 2))(p), atol=1e-5)
+  with pytest.raises(ValueError, match=r"`offload`.*counts `self` as 0"):
+    remat.linen.checkpoint(models.MLPBlock, offload=remat.offload.host(argnums=0))
+
+
 ### Errors
 
 
 def test_error_not_a_module_class():
   with pytest.raises(TypeError, match=r"`remat.linen.checkpoint` expects a `flax.linen.Module`"):
+    remat.linen.checkpoint(3)
+  with pytest.raises(TypeError, match=r"got the function.*wrap the class.*methods="):
     remat.linen.checkpoint(lambda x: x)
   with pytest.raises(TypeError, match=r"instance of `Dense`.*wrap the class"):
     remat.linen.checkpoint(nn.Dense(3))

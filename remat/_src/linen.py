@@ -25,6 +25,7 @@ The core transform knows nothing of Flax; all Flax code is here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Iterable, Sequence
@@ -84,7 +85,9 @@ def checkpoint(
       intermediates to keep (selective recomputation); passed to
       :func:`remat.checkpoint`.
     offload: optional ``remat.offload`` policy, passed to
-      :func:`remat.checkpoint`.
+      :func:`remat.checkpoint`. Its ``argnums``/``exclude_argnums`` count
+      ``self`` as 0, like ``static_argnums``; the module's variables and RNG
+      keys never move.
     prevent_cse: passed to :func:`remat.checkpoint`.
     methods: names of the methods to checkpoint; default ``("__call__",)``.
     variables: the variable collections lifted into the checkpointed function
@@ -130,7 +133,8 @@ def checkpoint(
 
   lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
                              static_argnums=tuple(i - 1 for i in nums),  # no `self`
-                             policy=policy, offload=offload, prevent_cse=prevent_cse)
+                             policy=policy, offload=_shift_offload(offload),
+                             prevent_cse=prevent_cse)
   lifted.__name__ = "checkpoint"  # type: ignore[attr-defined]
   out = linen_transforms.lift_transform(
       lifted, module_cls, methods={name: {"method_name": name} for name in method_names})
@@ -184,6 +188,25 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
                    enable_kwargs=True)
 
 
+def _shift_offload(offload):
+  """Maps an offload policy's positions (``self`` = 0) onto ``rematted(variables, rngs, *args)``."""
+  if offload is None or not hasattr(offload, "with_leading_arguments"):
+    return offload
+  changes = {}
+  for field in ("argnums", "exclude_argnums"):
+    nums = getattr(offload, field, None)
+    if nums:
+      if any(i < 1 for i in nums):
+        raise ValueError(
+            f"the `offload` argument to {_API}: `{field}` counts `self` as 0, as "
+            f"`static_argnums` does, so positions must be >= 1, but got {nums!r}. For "
+            "`__call__(self, x)` use `remat.offload.host(argnums=1)`.")
+      changes[field] = tuple(i - 1 for i in nums)
+  if changes:
+    offload = dataclasses.replace(offload, **changes)
+  return offload.with_leading_arguments(2)
+
+
 def _auto_static(x) -> bool:
   return x is None or isinstance(x, (bool, str))
 
@@ -210,6 +233,9 @@ def _check_module_class(module_cls) -> type[nn.Module]:
             f"`remat.linen.checkpoint({type(base).__name__})(...)`")
   elif isinstance(base, type):
     hint = f"got the class `{base.__name__}`, which is not a subclass of `flax.linen.Module`"
+  elif callable(base):
+    hint = (f"got the function {getattr(base, '__qualname__', base)!r}. To checkpoint a "
+            "method, wrap the class: `remat.linen.checkpoint(MyModule, methods=['encode'])`")
   else:
     hint = f"got {base!r} of type {type(base).__name__}"
   raise TypeError(
