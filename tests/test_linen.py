@@ -338,5 +338,5 @@ def test_error_unknown_methods():
 
 
 def test_error_bad_policy_names_our_api():
-  with pytest.raises(TypeError, match=r"`policy`"):
+  with pytest.raises(TypeError, match=r"the `policy` argument to `remat.linen.checkpoint`"):
     remat.linen.checkpoint(models.MLPBlock, policy="dots")

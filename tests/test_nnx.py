@@ -248,3 +248,10 @@ def test_error_static_argnums():
   g = remat.nnx.checkpoint(lambda m, x: m(x), static_argnums=(0,))
   with pytest.raises(TypeError, match=r"position 0.*an `MLPBlock` module"):
     g(block, jnp.ones((2, 4)))
+
+
+def test_error_bad_options_name_our_api():
+  with pytest.raises(TypeError, match=r"the `policy` argument to `remat.nnx.checkpoint`"):
+    remat.nnx.checkpoint(lambda m, x: m(x), policy="dots")
+  with pytest.raises(TypeError, match=r"the `prevent_cse` argument to `remat.nnx.checkpoint`"):
+    remat.nnx.checkpoint(prevent_cse="yes")

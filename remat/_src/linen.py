@@ -126,8 +126,7 @@ def checkpoint(
   nums = _check_static_argnums(static_argnums)
   method_names = _check_methods(methods, base)
   # Check the remaining options once, where the user can see them.
-  transform_lib._validate_options(static_argnums=(), policy=policy, offload=offload,
-                                  prevent_cse=prevent_cse, check_determinism=False)
+  _validate_passthrough(policy=policy, offload=offload, prevent_cse=prevent_cse)
   for name in method_names:
     _check_static_in_range(nums, getattr(base, name), name)
 
@@ -154,7 +153,7 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
   """``flax.core.lift.checkpoint`` with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
-    name = method_name
+    name = method_name  # the error messages name the method, not flax's wrapper
     static = set()
     for i in static_argnums:
       if i >= len(args):
@@ -205,6 +204,14 @@ def _shift_offload(offload):
   if changes:
     offload = dataclasses.replace(offload, **changes)
   return offload.with_leading_arguments(2)
+
+
+def _validate_passthrough(**options):
+  """``remat.checkpoint``'s checks of the options we pass on, naming this API."""
+  try:
+    transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
+  except (TypeError, ValueError) as e:
+    raise type(e)(str(e).replace("`remat.checkpoint`", _API)) from None
 
 
 def _auto_static(x) -> bool:

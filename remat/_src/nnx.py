@@ -99,8 +99,7 @@ def checkpoint(
     (4, 4)
   """
   nums = _check_static_argnums(static_argnums)
-  transform_lib._validate_options(static_argnums=(), policy=policy, offload=offload,
-                                  prevent_cse=prevent_cse, check_determinism=False)
+  _validate_passthrough(policy=policy, offload=offload, prevent_cse=prevent_cse)
   if f is None:
     return functools.partial(checkpoint, static_argnums=nums, policy=policy,  # type: ignore[return-value]
                              offload=offload, prevent_cse=prevent_cse)
@@ -177,6 +176,14 @@ def _transformed(f, static, *, policy, offload, prevent_cse):
 
 def _name(f) -> str:
   return getattr(f, "__qualname__", None) or getattr(f, "__name__", repr(f))
+
+
+def _validate_passthrough(**options):
+  """``remat.checkpoint``'s checks of the options we pass on, naming this API."""
+  try:
+    transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
+  except (TypeError, ValueError) as e:
+    raise type(e)(str(e).replace("`remat.checkpoint`", _API)) from None
 
 
 def _auto_static(x) -> bool:
