@@ -255,3 +255,37 @@ def test_error_bad_options_name_our_api():
     remat.nnx.checkpoint(lambda m, x: m(x), policy="dots")
   with pytest.raises(TypeError, match=r"the `prevent_cse` argument to `remat.nnx.checkpoint`"):
     remat.nnx.checkpoint(prevent_cse="yes")
+
+
+def test_nnx_scan_with_dropout_matches_plain_scan_and_advances_streams_once():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(8, 8, rngs=rngs)
+      self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.drop(jnp.tanh(self.dense(x)))
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return Block(rngs)
+
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  results = {}
+  for kind, wrap in (("plain", lambda f: f), ("ours", remat.nnx.checkpoint)):
+    blocks = create(nnx.Rngs(0, dropout=1))
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @wrap
+    def run(x, block):
+      return block(x)
+
+    grad = nnx.jit(nnx.grad(lambda bl, x, run=run: jnp.sum(run(x, bl) ** 2)))
+    results[kind] = ([grad(blocks, x) for _ in range(2)], key_data(nnx.state(blocks, nnx.RngState)))
+  (g_plain, rng_plain), (g_ours, rng_ours) = results["plain"], results["ours"]
+  chex.assert_trees_all_close(g_ours, g_plain, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_equal(rng_ours, rng_plain)
+  counts = [leaf for leaf in jax.tree_util.tree_leaves(rng_ours) if leaf.ndim == 1]
+  np.testing.assert_array_equal(counts[0], [2, 2, 2])  # one draw per layer per call
+  assert not np.allclose(g_ours[0]["dense"]["kernel"][...], g_ours[1]["dense"]["kernel"][...])
