@@ -21,7 +21,9 @@ measured in the same process.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import re
 import time
 
 import flax.linen as nn
@@ -120,11 +122,15 @@ def main(argv=None):
     print(f"{name:>24} {mib(pr.temp_bytes):>9.2f} {mib(pr.peak_bytes):>9.2f} "
           f"{pr.flops / 1e9:>8.3f} {med[name] * 1e3:>10.1f}")
 
+  def opcodes(hlo):
+    return collections.Counter(re.findall(r"=\s*\S+\s+([a-z][a-z0-9\-]*)\(", hlo))
+
   def ratio(a, b):
     pa, pb = runs[a]["profile"], runs[b]["profile"]
+    same = opcodes(pa.hlo) == opcodes(pb.hlo)
     print(f"{a} / {b}: temp {pa.temp_bytes / pb.temp_bytes:.3f}, peak "
           f"{pa.peak_bytes / pb.peak_bytes:.3f}, flops {pa.flops / pb.flops:.3f}, "
-          f"time {med[a] / med[b]:.3f}")
+          f"time {med[a] / med[b]:.3f}; same HLO instruction counts per opcode: {same}")
 
   print()
   ratio("remat.linen.checkpoint", "flax.linen.remat")
