@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 
 from remat._src import typing as rt
 
@@ -202,6 +203,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
       return fn(*full, **d_kwargs)
 
     converted, consts = jax.closure_convert(flat_fn, *leaves)
+    converted = _fresh_name_stack(converted)
     call = _build_custom_vjp(converted, policy=policy, offload=offload,
                              prevent_cse=prevent_cse, check_determinism=check_determinism,
                              name=getattr(fn, "__name__", "fn"),
@@ -299,6 +301,24 @@ def _check_outputs(name, out, again):
     jax.debug.callback(report, *leaves_a, *leaves_b)
   else:
     report(*leaves_a, *leaves_b)
+
+
+def _fresh_name_stack(converted):
+  """Evaluates the closure-converted jaxpr under an empty name stack.
+
+  ``jax.closure_convert`` re-evaluates a jaxpr, and evaluation prefixes each
+  equation's recorded name stack with the current one. Nested checkpoints
+  (a plan nests them as deep as the chain is long) re-evaluate jaxprs inside
+  jaxprs, so without a reset the stacks double at every level and lowering
+  time grows as 2**depth (measured: 0.5 s, 3.4 s, 15 s at nesting 14, 16, 17).
+  """
+
+  @functools.wraps(converted)
+  def run(*args):
+    with _source_info.reset_name_stack():
+      return converted(*args)
+
+  return run
 
 
 def _build_custom_vjp(converted, *, policy, offload, prevent_cse, check_determinism, name,
