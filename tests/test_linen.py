@@ -86,7 +86,7 @@ def test_dropout_gradients_equal_plain(kind):
   assert abs(float(loss2) - float(loss0)) > 1e-4
 
 
-def test_dropout_gradients_eager_and_train_flag_as_keyword():
+def test_dropout_gradients_with_train_flag_as_keyword_and_no_static_argnums():
   # No static_argnums: a Python bool is static automatically, also as a keyword.
   x, y, params = lm_setup()
 
@@ -102,7 +102,7 @@ def test_dropout_gradients_eager_and_train_flag_as_keyword():
       return models.TransformerBlock(32, 4, 4, 0.5, name="b")(x, train=True)
 
   h = jax.random.normal(jax.random.key(1), (2, 8, 32))
-  p = Plain().init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, h)["params"]
+  p = jax.jit(Plain().init)({"params": jax.random.key(0), "dropout": jax.random.key(1)}, h)["params"]
 
   def grads(m):
     return jax.jit(jax.grad(
@@ -157,6 +157,29 @@ def test_batchnorm_updated_once_in_eval_of_many_calls():
   conv = nn.Conv(3, (3, 3), use_bias=False).apply({"params": v["params"]["c"]["conv"]}, x)
   np.testing.assert_allclose(upd["batch_stats"]["c"]["bn"]["mean"], 0.1 * conv.mean((0, 1, 2)),
                              rtol=1e-5, atol=1e-7)
+
+
+def test_sown_intermediates_collected_once():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Dense(4)(x))
+      self.sow("intermediates", "h", h)
+      return h
+
+  x = jnp.ones((2, 4))
+
+  def run(cls):
+    v = cls(name="b").init(jax.random.key(0), x)
+    (y, state), g = jax.value_and_grad(
+        lambda p: (lambda out: (out[0].sum(), out[1]))(cls(name="b").apply(
+            {"params": p}, x, mutable=["intermediates"])), has_aux=True)(v["params"])
+    return y, state, g
+
+  y0, s0, g0 = run(Block)
+  y1, s1, g1 = run(remat.linen.checkpoint(Block))
+  chex.assert_trees_all_close((y1, s1, g1), (y0, s0, g0), atol=1e-6)
+  assert len(s1["intermediates"]["h"]) == 1
 
 
 class ScanBody(nn.Module):
