@@ -1,0 +1,13 @@
+"""``python -m remat``: see ``remat --help``."""
+
+import sys
+
+from remat._src.cli import main
+
+
+def _run() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  _run()

@@ -1,0 +1,330 @@
+"""The founding table, measured: memory and compute of every way to backpropagate.
+
+Used by ``python -m remat compare`` and ``experiments/tradeoff.py``. Each
+method's training step (loss and gradients of a reference chain) is compiled
+with ``remat.compiler_options()`` and measured: compiled temp/peak bytes,
+flops, forward layer evaluations counted in the optimized HLO, and the median
+step time of interleaved runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable, Sequence
+
+import jax
+
+from remat._src import chains
+from remat._src import compile as compile_lib
+from remat._src import offload as offload_lib
+from remat._src import profile as profile_lib
+from remat._src import segmenters as seg_lib
+from remat._src import sequential as seq_lib
+from remat._src import transform
+
+METHODS = ("standard", "forward_only", "no_storage", "checkpoint_sqrt", "multilevel", "revolve",
+           "budget", "offload")
+
+DESCRIPTIONS = {
+    "standard": "plain backprop: every activation stored",
+    "forward_only": "inference: no backward pass, buffers reused",
+    "no_storage": "store only the chain input; recompute each layer's input from it",
+    "checkpoint_sqrt": "sqrt(D) segments: keep segment inputs, recompute inside",
+    "multilevel": "two nested levels of segments: O(D^(1/3)) stored states",
+    "revolve": "Griewank-Walther optimum for a few stored states",
+    "budget": "the planner, given checkpoint_sqrt's compiled memory as its budget",
+    "offload": "no matmul recomputed; saved matmul outputs and layer inputs placed in host memory",
+}
+
+COLUMNS = ["method", "depth", "peak_bytes", "temp_bytes", "host_temp_bytes", "flops",
+           "forward_evaluations", "step_time_s", "backend", "device_kind"]
+
+
+def environment() -> dict[str, str]:
+  """Backend and device kind, recorded in every results file."""
+  d = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device_kind": getattr(d, "device_kind", str(d)),
+          "device_count": str(jax.device_count()), "jax": jax.__version__,
+          "python": platform.python_version()}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 10,
+                        warmup: int = 1) -> dict[str, float]:
+  """Median wall time (seconds) of each thunk, run round-robin so noise hits all alike."""
+  for _ in range(warmup):
+    for f in fns.values():
+      jax.block_until_ready(f())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(rounds):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def segmenter_for(method: str, chain: chains.Chain, *, revolve_slots: int = 3):
+  """The segmenter of a planned method (``None`` for the others)."""
+  if method == "budget":
+    p_spec, x_spec, k_spec = chain.specs()
+    sqrt_plan = seq_lib.plan_for_chain(chain.layers, seg_lib.sqrt(), p_spec, x_spec, k_spec,
+                                       compile=True)
+    return seg_lib.budget(sqrt_plan.compiled_temp_bytes)
+  return {"no_storage": seg_lib.none(), "checkpoint_sqrt": seg_lib.sqrt(),
+          "multilevel": seg_lib.multilevel(2), "revolve": seg_lib.revolve(revolve_slots)}.get(method)
+
+
+def step_for(method: str, chain: chains.Chain, *, revolve_slots: int = 3):
+  """``(step(params, x, key), plan or None)``: one training step (or a forward) of ``method``."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+  run = chain.chain_fn()
+  plan = None
+  if method == "offload":
+    ck = transform.checkpoint(chain.layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              offload=offload_lib.host(argnums=1, min_bytes=0))
+    run = _per_layer(ck, chain.model)
+  elif method not in ("standard", "forward_only"):
+    apply = seq_lib.sequential(chain.layers, segmenter_for(method, chain, revolve_slots=revolve_slots))
+    plan = apply.plan_for(*chain.specs())
+    run = apply
+  if method == "forward_only":
+    return (lambda ps, x, key: chains.loss_of(run(ps, x, key))), plan
+  return jax.value_and_grad(lambda ps, x, key: chains.loss_of(run(ps, x, key))), plan
+
+
+def _per_layer(f, model):
+  def run(params, x, key=None):
+    for i, p in enumerate(params):
+      x = f(p, x) if model == "mlp" else f(p, x, jax.random.fold_in(key, i))
+    return x
+  return run
+
+
+def _forward_dots(prof: profile_lib.Profile) -> int:
+  # Forward matmuls of `x @ w` / Dense layers contract the last input axis with
+  # the kernel's first; their backward matmuls contract other axes.
+  return (prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+          + prof.count_dots(lhs_contracting=(2,), rhs_contracting=(0,)))
+
+
+def measure(chains_: Sequence[chains.Chain], methods: Sequence[str], *, rounds: int = 5,
+            revolve_slots: int = 3, progress: bool = True, log=print) -> list[dict]:
+  """Measures every method on every chain; returns one row (a dict of COLUMNS) each."""
+  env = environment()
+  rows: list[dict] = []
+  bar = make_progress(len(chains_) * len(methods), progress)
+  with warnings.catch_warnings():
+    # XLA:CPU writes host placements into the program but moves nothing; the
+    # backend is recorded in every row.
+    warnings.simplefilter("ignore", offload_lib.OffloadNotExecutedWarning)
+    for chain in chains_:
+      params, x, key = chain.init()
+      compiled, per_layer = {}, None
+      chain_rows = []
+      for method in methods:
+        bar.set_description(f"D={chain.depth} {method}")
+        step, plan = step_for(method, chain, revolve_slots=revolve_slots)
+        fn = compile_lib.jit(step)
+        prof = profile_lib.profile(fn, params, x, key)
+        dots = _forward_dots(prof)
+        if per_layer is None:  # forward matmuls of one layer
+          one = dataclasses.replace(chain, depth=1)
+          ref_step, _ = step_for("forward_only", one)
+          per_layer = max(1, _forward_dots(profile_lib.profile(ref_step, *one.init())))
+        fwd = round(dots / per_layer)
+        if plan is not None and fwd != plan.forward_evaluations:
+          log(f"  note: {method} at depth {chain.depth}: the compiled HLO holds {fwd} layer "
+              f"forward evaluations, the plan predicted {plan.forward_evaluations}")
+        compiled[method] = fn
+        chain_rows.append(dict(method=method, depth=chain.depth, peak_bytes=prof.peak_bytes,
+                               temp_bytes=prof.temp_bytes, host_temp_bytes=prof.host_temp_bytes,
+                               flops=prof.flops, forward_evaluations=fwd, step_time_s=float("nan"),
+                               backend=env["backend"], device_kind=env["device_kind"]))
+        bar.update(1)
+      if rounds > 0:
+        bar.set_description(f"D={chain.depth} timing")
+        args_ = (params, x, key)
+        times = interleaved_medians({m: (lambda f=f, a=args_: f(*a)) for m, f in compiled.items()},
+                                    rounds=rounds)
+        for r in chain_rows:
+          r["step_time_s"] = times[r["method"]]
+      rows += chain_rows
+  bar.close()
+  return rows
+
+
+class _PlainProgress:
+  def __init__(self, total):
+    self.n, self.total = 0, total
+
+  def set_description(self, s):
+    print(f"[{self.n + 1}/{self.total}] {s}", flush=True)
+
+  def update(self, k):
+    self.n += k
+
+  def close(self):
+    pass
+
+
+def make_progress(total: int, enabled: bool = True):
+  """A tqdm bar where available (and wanted), else one printed line per step."""
+  if enabled:
+    try:
+      from tqdm.auto import tqdm
+
+      return tqdm(total=total, unit="step", leave=True)
+    except ImportError:
+      pass
+  return _PlainProgress(total)
+
+
+def write_csv(rows: Sequence[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({c: r[c] for c in COLUMNS})
+
+
+def read_csv(path: str) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for r in csv.DictReader(f):
+      for k in ("depth", "peak_bytes", "temp_bytes", "host_temp_bytes", "forward_evaluations"):
+        r[k] = int(r[k])
+      for k in ("flops", "step_time_s"):
+        r[k] = float(r[k])
+      out.append(r)
+  return out
+
+
+def _mib(b: float) -> str:
+  return f"{b / 2**20:,.1f} MiB"
+
+
+def markdown_table(header, rows) -> str:
+  cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return "\n".join(lines)
+
+
+def founding_table(rows: Sequence[dict], activation_bytes: int) -> str:
+  """The founding notes' table with measured numbers at the largest depth."""
+  dmax = max(r["depth"] for r in rows)
+  at = {r["method"]: r for r in rows if r["depth"] == dmax}
+  std = at.get("standard")
+  body = []
+  for m in METHODS:
+    if m not in at:
+      continue
+    r = at[m]
+    rel = lambda k, r=r: f"{r[k] / std[k]:.2f}x" if std and std[k] else "n/a"
+    body.append([m, f"{r['temp_bytes'] / activation_bytes:.1f} act ({_mib(r['temp_bytes'])})",
+                 rel("flops"), r["forward_evaluations"], rel("step_time_s")])
+  head = ["method", "memory (compiled temp)", "compute (flops vs standard)",
+          "layer forward evaluations", "step time vs standard"]
+  return (f"depth {dmax}, one activation = {_mib(activation_bytes)}, measured on "
+          f"{rows[0]['backend']} ({rows[0]['device_kind']}):\n\n" + markdown_table(head, body))
+
+
+def check_claims(rows: Sequence[dict]) -> list[tuple[str, bool]]:
+  """The founding notes' claims, checked against the measurements (never tuned to them)."""
+  dmax, dmin = max(r["depth"] for r in rows), min(r["depth"] for r in rows)
+
+  def at(m, d=dmax):
+    return next((r for r in rows if r["method"] == m and r["depth"] == d), None)
+
+  claims = []
+  std, nos, sq = at("standard"), at("no_storage"), at("checkpoint_sqrt")
+  fo_hi, fo_lo, std_lo = at("forward_only"), at("forward_only", dmin), at("standard", dmin)
+  if std and nos:
+    others = [r["temp_bytes"] for r in rows if r["depth"] == dmax
+              and r["method"] not in ("no_storage", "forward_only", "offload")]
+    claims.append((f"no_storage uses the least memory of the methods with a backward pass at D={dmax}",
+                   nos["temp_bytes"] <= min(others)))
+    claims.append((f"no_storage costs >= 3x the flops of standard at D={dmax} "
+                   f"({nos['flops'] / std['flops']:.2f}x)", nos["flops"] >= 3 * std["flops"]))
+  if std and nos and sq:
+    claims.append((f"checkpoint_sqrt memory lies between no_storage and standard at D={dmax}",
+                   nos["temp_bytes"] <= sq["temp_bytes"] < std["temp_bytes"]))
+    claims.append((f"checkpoint_sqrt costs < 1.5x the flops of standard "
+                   f"({sq['flops'] / std['flops']:.2f}x)", sq["flops"] < 1.5 * std["flops"]))
+  if fo_hi and fo_lo and std and std_lo and dmax > dmin:
+    claims.append((f"forward_only memory stays flat from D={dmin} to D={dmax} "
+                   f"({_mib(fo_lo['temp_bytes'])} -> {_mib(fo_hi['temp_bytes'])}) while standard grows "
+                   f"({_mib(std_lo['temp_bytes'])} -> {_mib(std['temp_bytes'])})",
+                   fo_hi["temp_bytes"] <= fo_lo["temp_bytes"] + 2 * (std_lo["temp_bytes"] / dmin)
+                   and std["temp_bytes"] > 1.5 * std_lo["temp_bytes"]))
+  return claims
+
+
+def plot(rows: Sequence[dict], out_dir: str, activation_bytes: int) -> list[str]:
+  """memory_vs_depth.png, compute_vs_depth.png and frontier.png in ``out_dir``."""
+  import matplotlib
+
+  if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  for fig in figures(rows, activation_bytes):
+    name = fig.get_label()
+    paths.append(os.path.join(out_dir, name))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  return paths
+
+
+def figures(rows: Sequence[dict], activation_bytes: int) -> list:
+  """The three figures (matplotlib ``Figure`` objects) of a sweep."""
+  import matplotlib.pyplot as plt
+
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  std = {r["depth"]: r for r in rows if r["method"] == "standard"}
+  figs = []
+  for key, ylabel, fname in [("temp_bytes", "compiled temp memory (activations)", "memory_vs_depth.png"),
+                             ("flops", "flops / standard at the same depth", "compute_vs_depth.png")]:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig.set_label(fname)
+    for m in methods:
+      rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["depth"])
+      if key == "flops":
+        rs = [r for r in rs if r["depth"] in std]
+        ys = [r["flops"] / std[r["depth"]]["flops"] for r in rs]
+      else:
+        ys = [r[key] / activation_bytes for r in rs]
+      ax.plot([r["depth"] for r in rs], ys, marker="o", label=m)
+    ax.set_xlabel("depth D (layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log" if key == "flops" else "symlog", **({} if key == "flops" else {"linthresh": 1}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs.append(fig)
+  dmax = max(r["depth"] for r in rows)
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig.set_label("frontier.png")
+  if dmax in std:
+    for r in rows:
+      if r["depth"] == dmax and r["method"] != "forward_only":
+        xy = (r["temp_bytes"] / activation_bytes, r["flops"] / std[dmax]["flops"])
+        ax.scatter(*xy)
+        ax.annotate(r["method"], xy, fontsize=8)
+  ax.set_xlabel(f"compiled temp memory at D={dmax} (activations)")
+  ax.set_ylabel("flops / standard")
+  ax.set_title("the memory / compute trade-off")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  figs.append(fig)
+  return figs
