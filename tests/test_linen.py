@@ -159,6 +159,34 @@ def test_batchnorm_updated_once_in_eval_of_many_calls():
                              rtol=1e-5, atol=1e-7)
 
 
+def test_method_decorator_matches_plain_with_dropout():
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(8)(x)
+      return nn.Dropout(0.5, deterministic=not train)(jnp.tanh(x))
+
+  class Decorated(nn.Module):
+    @functools.partial(remat.linen.checkpoint, static_argnums=(2,))
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(8)(x)
+      return nn.Dropout(0.5, deterministic=not train)(jnp.tanh(x))
+
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  v = jax.jit(Plain().init, static_argnums=2)(jax.random.key(1), x, False)
+  chex.assert_trees_all_equal(jax.jit(Decorated().init, static_argnums=2)(jax.random.key(1), x, False), v)
+
+  def grad(m):
+    loss = lambda p: m.apply({"params": p}, x, True, rngs={"dropout": jax.random.key(2)}).sum()
+    return remat.jit(jax.grad(loss))(v["params"])
+
+  chex.assert_trees_all_close(grad(Decorated()), grad(Plain()), atol=1e-6)
+  assert remat.profile(jax.value_and_grad(
+      lambda p: Decorated().apply({"params": p}, x, True, rngs={"dropout": jax.random.key(2)}).sum()),
+      v["params"]).count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == 2
+
+
 def test_sown_intermediates_collected_once():
   class Block(nn.Module):
     @nn.compact
@@ -333,8 +361,10 @@ def test_policy_and_offload_are_passed_through():
 def test_error_not_a_module_class():
   with pytest.raises(TypeError, match=r"`remat.linen.checkpoint` expects a `flax.linen.Module`"):
     remat.linen.checkpoint(3)
-  with pytest.raises(TypeError, match=r"got the function.*wrap the class.*methods="):
+  with pytest.raises(TypeError, match=r"neither a Module class nor a method.*methods="):
     remat.linen.checkpoint(lambda x: x)
+  with pytest.raises(ValueError, match=r"`methods`.*applies to Module classes"):
+    remat.linen.checkpoint(models.MLPBlock.__call__, methods=["__call__"])
   with pytest.raises(TypeError, match=r"instance of `Dense`.*wrap the class"):
     remat.linen.checkpoint(nn.Dense(3))
   with pytest.raises(TypeError, match=r"class `int`, which is not a subclass"):

@@ -58,7 +58,9 @@ def checkpoint(
   """Checkpoints a ``flax.linen`` Module class; a drop-in for ``flax.linen.remat``.
 
   The returned class behaves as ``module_cls`` with its ``__call__`` (or the
-  listed ``methods``) wrapped by :func:`remat.checkpoint`: under
+  listed ``methods``) wrapped by :func:`remat.checkpoint`. Like
+  ``nn.remat``, it also decorates a method in a class body
+  (``@remat.linen.checkpoint`` above ``@nn.compact``). Under
   differentiation only the method's inputs, parameters and RNG keys are kept;
   the backward pass recomputes the rest.
 
@@ -75,7 +77,7 @@ def checkpoint(
 
   Args:
     module_cls: a subclass of ``flax.linen.Module`` (or a ``functools.partial``
-      of one).
+      of one), or a method (a function whose first argument is ``self``).
     static_argnums: positions of static arguments of the wrapped method,
       counting ``self`` as 0 as ``flax.linen.remat`` does: for
       ``__call__(self, x, train)`` use ``static_argnums=(2,)``. Python
@@ -95,14 +97,16 @@ def checkpoint(
     rngs: the PRNG streams lifted (a flax filter; default all).
 
   Returns:
-    A Module class with the same fields, name and parameter tree.
+    A Module class with the same fields, name and parameter tree (or, for a
+    method, the checkpointed method).
 
   Raises:
-    TypeError: if ``module_cls`` is not a Module class, ``static_argnums`` is
+    TypeError: if ``module_cls`` is neither a Module class nor a method, ``static_argnums`` is
       not an int or tuple of ints, ``methods`` is not a sequence of names, or
       (at call time) a static argument is an array.
     ValueError: if ``static_argnums`` contains ``0`` (``self``) or a negative
-      index, or ``methods`` names a method the class does not have.
+      index, ``methods`` names a method the class does not have, or ``methods``
+      is given while decorating a method.
 
   Example:
 
@@ -122,19 +126,29 @@ def checkpoint(
     >>> y.shape
     (2, 4)
   """
-  base = _check_module_class(module_cls)
   nums = _check_static_argnums(static_argnums)
-  method_names = _check_methods(methods, base)
   # Check the remaining options once, where the user can see them.
   _validate_passthrough(policy=policy, offload=offload, prevent_cse=prevent_cse)
-  for name in method_names:
-    _check_static_in_range(nums, getattr(base, name), name)
-
   lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
                              static_argnums=tuple(i - 1 for i in nums),  # no `self`
                              policy=policy, offload=_shift_offload(offload),
                              prevent_cse=prevent_cse)
   lifted.__name__ = "checkpoint"  # type: ignore[attr-defined]
+
+  if _is_method(module_cls):  # `@remat.linen.checkpoint` on a method in a class body
+    if methods is not None:
+      raise ValueError(
+          f"the `methods` argument to {_API} applies to Module classes, but "
+          f"{_API} is decorating the method `{module_cls.__qualname__}`. Drop `methods`, or "
+          "wrap the class: `remat.linen.checkpoint(MyModule, methods=[...])`.")
+    _check_static_in_range(nums, module_cls, module_cls.__name__)
+    return linen_transforms.decorator_lift_transform(
+        functools.partial(lifted, method_name=module_cls.__name__), module_cls)
+
+  base = _check_module_class(module_cls)
+  method_names = _check_methods(methods, base)
+  for name in method_names:
+    _check_static_in_range(nums, getattr(base, name), name)
   out = linen_transforms.lift_transform(
       lifted, module_cls, methods={name: {"method_name": name} for name in method_names})
   cls = out.func if isinstance(out, functools.partial) else out
@@ -231,6 +245,17 @@ def _describe(x) -> str:
   return f"a pytree with {len(leaves)} arrays"
 
 
+def _is_method(fn) -> bool:
+  """A function defined in a class body: its first parameter is ``self``."""
+  if isinstance(fn, type) or not inspect.isfunction(inspect.unwrap(fn)):
+    return False
+  try:
+    params = list(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return False
+  return bool(params) and params[0] == "self"
+
+
 def _check_module_class(module_cls) -> type[nn.Module]:
   base = module_cls.func if isinstance(module_cls, functools.partial) else module_cls
   if isinstance(base, type) and issubclass(base, nn.Module):
@@ -241,8 +266,10 @@ def _check_module_class(module_cls) -> type[nn.Module]:
   elif isinstance(base, type):
     hint = f"got the class `{base.__name__}`, which is not a subclass of `flax.linen.Module`"
   elif callable(base):
-    hint = (f"got the function {getattr(base, '__qualname__', base)!r}. To checkpoint a "
-            "method, wrap the class: `remat.linen.checkpoint(MyModule, methods=['encode'])`")
+    hint = (f"got {getattr(base, '__qualname__', base)!r}, which is neither a Module class "
+            "nor a method (a function whose first argument is `self`). Decorate a method in "
+            "the class body (`@remat.linen.checkpoint` above `@nn.compact`), or wrap the class: "
+            "`remat.linen.checkpoint(MyModule, methods=['encode'])`")
   else:
     hint = f"got {base!r} of type {type(base).__name__}"
   raise TypeError(
