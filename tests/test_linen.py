@@ -187,6 +187,27 @@ def test_method_decorator_matches_plain_with_dropout():
       v["params"]).count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == 2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_dtypes_gradients_equal_plain(dtype):
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(8, dtype=dtype, param_dtype=dtype)(x)
+      return nn.Dropout(0.3, deterministic=False)(jnp.tanh(h))
+
+  x = jax.random.normal(jax.random.key(0), (4, 8)).astype(dtype)
+  v = jax.jit(Block().init)(jax.random.key(1), x)
+
+  def grad(cls):
+    loss = lambda p, x: cls().apply({"params": p}, x, rngs={"dropout": jax.random.key(2)}).astype(
+        jnp.float32).sum()
+    return remat.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+
+  ours_g, plain_g = grad(remat.linen.checkpoint(Block)), grad(Block)
+  assert jax.tree_util.tree_leaves(ours_g)[0].dtype == dtype
+  chex.assert_trees_all_close(ours_g, plain_g, atol=1e-5 if dtype == jnp.float32 else 1e-2)
+
+
 def test_sown_intermediates_collected_once():
   class Block(nn.Module):
     @nn.compact

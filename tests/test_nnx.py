@@ -91,6 +91,28 @@ def test_method_decorator_with_deterministic_keyword():
   assert CBlock.__call__.__name__ == "__call__"
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_dtypes_gradients_equal_plain(dtype):
+  def make(wrap):
+    class Block(nnx.Module):
+      def __init__(self, rngs):
+        self.dense = nnx.Linear(8, 8, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+      def __call__(self, x):
+        return self.drop(jnp.tanh(self.dense(x)))
+
+    if wrap:
+      Block.__call__ = remat.nnx.checkpoint(Block.__call__)
+    return Block(nnx.Rngs(0, dropout=1))
+
+  x = jax.random.normal(jax.random.key(0), (4, 8)).astype(dtype)
+  grad = nnx.jit(nnx.grad(lambda m, x: m(x).astype(jnp.float32).sum(), argnums=(0, 1)))
+  ours_g, plain_g = grad(make(True), x), grad(make(False), x)
+  assert ours_g[1].dtype == dtype
+  chex.assert_trees_all_close(ours_g, plain_g, atol=1e-5 if dtype == jnp.float32 else 1e-2)
+
+
 def cnn(kind):
   return models.CNN(in_channels=3, depth=2, channels=8, block_wrapper=WRAPPERS[kind],
                     rngs=nnx.Rngs(0))
