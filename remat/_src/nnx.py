@@ -165,6 +165,8 @@ def _transformed(f, static, *, policy, offload, prevent_cse):
   def call(*pure_args):
     record.clear()
     changed, out = inner(*pure_args)
+    if not record:  # `remat.checkpoint` traces the function on every call
+      raise RuntimeError(f"{_API}: internal error, the checkpointed function was not traced.")
     treedef, source = record[-1]
     in_leaves = jax.tree_util.tree_leaves(pure_args)
     changed = iter(changed)
