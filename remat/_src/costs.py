@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from remat._src import profile as profile_lib
+from remat._src import plan as plan_lib
 from remat._src import transform
 from remat._src.plan import LayerCost, layer_callers, tree_bytes
 
@@ -126,11 +127,15 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
     return _CACHE[ck]
   # Calibrate in the regime where taped layers live in a plan: recomputed
   # inside a checkpoint's backward pass.
-  one = profile_lib.profile(step_of(transform.checkpoint(f)), p_spec, x_spec, key_spec)
+  # Each copy draws its own key, as layers of a chain do (one key for both
+  # would let XLA share their random bits and under-count what a layer keeps).
+  one = profile_lib.profile(step_of(transform.checkpoint(
+      lambda p, x, k: f(p, x, plan_lib.layer_keys(k, 0)))), p_spec, x_spec, key_spec)
   fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
   if _same_structure(x_spec, y_spec):
     # Two layers with their own parameters: each keeps its own gradient buffer.
-    twice = transform.checkpoint(lambda ps, x, k: f(ps[1], f(ps[0], x, k), k))
+    twice = transform.checkpoint(
+        lambda ps, x, k: f(ps[1], f(ps[0], x, plan_lib.layer_keys(k, 0)), plan_lib.layer_keys(k, 1)))
     two = profile_lib.profile(step_of(twice), (p_spec, p_spec), x_spec, key_spec)
     kept = max(two.temp_bytes - one.temp_bytes, 0)
   else:

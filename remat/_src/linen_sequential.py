@@ -1,45 +1,32 @@
 """``remat.linen.Sequential``: ``flax.linen.Sequential`` run under a checkpointing plan.
 
 The layers stay submodules of the ``Sequential`` (same parameter tree as
-``nn.Sequential``: ``layers_0``, ``layers_1`` ...). At trace time the plan is
-made for the traced shapes by the segmenter; each checkpointed segment of the
-plan is a method of this module lifted with ``remat.linen``'s checkpoint lift
-(``flax.core.lift.pack`` around ``remat.checkpoint``), nested as the plan
-nests. PRNG streams are carried by Flax exactly as in ``nn.Sequential``, so
-dropout masks equal those of the plain ``nn.Sequential`` with the same
-``rngs``.
+``nn.Sequential``: ``layers_0``, ``layers_1`` ...). When applied, each layer is
+run as a pure function of its variables (``layer.clone(parent=None).apply``)
+and the chain goes through ``remat.sequential``: the plan is made for the
+traced shapes, checkpoints nest as the plan nests, and every PRNG stream gets
+one key per layer (``remat.rng.layer_key``) tied to the layer's input.
 
-``budget`` segmenters measure each distinct layer with XLA: the layer is
-applied as a pure function of its variables (``layer.clone(parent=None)
-.apply``) for the measurement and the verification compile.
+Why not flax's own RNG plumbing (``lift.pack``, as ``remat.linen.checkpoint``
+does)? Random bits depend on the key alone, so XLA:CPU generates the dropout
+bits of every checkpointed block at the start of the forward pass and keeps
+them alive: measured on an 8-block transformer at length 256, ``nn.remat``
+per block and the lifted variant both needed 42 MiB of temp memory where the
+plan needs about 12-19 MiB. Explicit keys behind an optimization barrier fix
+that, at the price that the masks differ from ``nn.Sequential``'s (they are
+the same with and without checkpointing, for every segmenter).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
-from flax.linen import transforms as linen_transforms
 
-from remat._src import linen as linen_lib
 from remat._src import plan as plan_lib
-from remat._src import segmenters as seg_lib
 from remat._src import sequential as seq_lib
 
 _API = "`remat.linen.Sequential`"
-
-
-def _run(self, x, seg, *args, **kwargs):
-  """Runs the layers of ``seg`` (children checkpointed as the plan says)."""
-  if seg.children:
-    for c in seg.children:
-      x = (self._run_checkpointed if c.checkpoint else self._run_plain)(x, c, *args, **kwargs)
-    return x
-  for i in range(seg.start, seg.stop):
-    x = self.layers[i](x, *args, **kwargs)
-  return x
 
 
 class Sequential(nn.Module):
@@ -47,15 +34,20 @@ class Sequential(nn.Module):
 
   Every layer is called as ``layer(x, *args, **kwargs)`` (unlike
   ``nn.Sequential``, which passes the extra arguments to the first layer only)
-  so a ``train`` flag reaches every block; Python ``bool``, ``str`` and
-  ``None`` arguments are static. The parameter tree is that of
-  ``nn.Sequential(layers)``.
+  so a ``train`` flag reaches every block. The parameter tree is that of
+  ``nn.Sequential(layers)``. PRNG streams named in ``rng_streams`` that the
+  caller provides (``rngs={"dropout": key}``) are split into one key per
+  layer; gradients are identical for every segmenter (``None`` included), and
+  the masks differ from ``nn.Sequential``'s (see the module docstring).
+  Collections the layers would update (``batch_stats`` with ``mutable=``) are
+  not supported: use ``remat.linen.checkpoint`` on such blocks.
 
   Attributes:
     layers: the Modules (or functions ``x -> y``) of the chain.
     segmenter: a segmenter from ``remat.segmenters`` (``every(2)``,
       ``revolve(3)``, ``budget(2**30)`` ...), a ``remat.Plan`` for
       ``len(layers)`` layers, or ``None`` (plain backprop).
+    rng_streams: the PRNG streams handed to the layers.
 
   Example:
 
@@ -68,10 +60,13 @@ class Sequential(nn.Module):
     ...     nn.Sequential([nn.Dense(8) for _ in range(6)]).init(jax.random.key(0), x))
     True
     >>> g = jax.grad(lambda v: model.apply(v, x).sum())(v)
+    >>> model.apply(v, x, method="plan_for").forward_evaluations
+    14
   """
 
   layers: Sequence[Callable[..., Any]]
   segmenter: Any = None
+  rng_streams: Sequence[str] = ("dropout",)
 
   def __post_init__(self):
     if not isinstance(self.layers, (list, tuple)) or not self.layers:
@@ -87,28 +82,26 @@ class Sequential(nn.Module):
     super().__post_init__()
 
   def __call__(self, x, *args, **kwargs):
-    plan = self.plan_for(x, *args, **kwargs)
-    return self._run_plain(x, plan.root, *args, **kwargs)
-
-  def plan_for(self, x, *args, **kwargs) -> plan_lib.Plan:
-    """The plan used for input ``x`` (plain backprop while initializing or without a segmenter)."""
-    n = len(self.layers)
-    if self.segmenter is None or self.is_initializing():
-      return plan_lib.make_plan(plan_lib.Segment(0, n), None, n, "plain")
-    if isinstance(self.segmenter, plan_lib.Plan):
-      return self.segmenter
-    if not isinstance(self.segmenter, seg_lib.budget):
-      return self.segmenter.plan(n)
+    if self.is_initializing():
+      for layer in self.layers:   # create the parameters as nn.Sequential does
+        x = layer(x, *args, **kwargs)
+      return x
     self._check_collections()
     fns, variables = self._layer_functions(args, kwargs)
-    key = self._probe_key()
-    return seq_lib.plan_for_chain(fns, self.segmenter, variables, x, key)
+    keys = self._keys()
+    plan = self._plan(fns, variables, x, keys)
+    return plan_lib.apply_plan(plan, fns, variables, x, keys)
 
-  _run_plain = _run
-  _run_checkpointed = linen_transforms.lift_transform(
-      functools.partial(linen_lib._lift_checkpoint, variables=True, rngs=True, static_argnums=(1,),
-                        policy=None, offload=None, prevent_cse=True),
-      _run)
+  def plan_for(self, x, *args, **kwargs) -> plan_lib.Plan:
+    """The plan used for input ``x`` (``model.apply(v, x, method="plan_for")``)."""
+    fns, variables = self._layer_functions(args, kwargs)
+    return self._plan(fns, variables, x, self._keys())
+
+  def _plan(self, fns, variables, x, keys) -> plan_lib.Plan:
+    n = len(self.layers)
+    if self.segmenter is None:
+      return plan_lib.make_plan(plan_lib.Segment(0, n), None, n, "plain")
+    return seq_lib.plan_for_chain(fns, self.segmenter, variables, x, keys)
 
   ### Helpers for measuring the layers as pure functions
 
@@ -118,12 +111,13 @@ class Sequential(nn.Module):
         extra = [c for c in layer.variables if c != "params" and self.is_mutable_collection(c)]
         if extra:
           raise NotImplementedError(
-              f"{_API} with `remat.segmenters.budget` measures layers as pure functions of their "
-              f"parameters; layer {i} updates the collections {extra}. Use a fixed segmenter "
-              "(`every`, `sqrt`, `revolve` ...) or apply without `mutable`.")
+              f"{_API} runs its layers as pure functions of their variables, but layer {i} "
+              f"updates the collections {extra}. Apply without `mutable=`, or wrap such blocks "
+              "with `remat.linen.checkpoint` instead.")
 
-  def _probe_key(self):
-    return jax.random.key(0) if self.has_rng("dropout") else None
+  def _keys(self):
+    keys = {s: self.make_rng(s) for s in self.rng_streams if self.has_rng(s)}
+    return keys or None
 
   def _layer_functions(self, args, kwargs):
     fns, variables = [], []
@@ -133,8 +127,7 @@ class Sequential(nn.Module):
         variables.append(dict(layer.variables))
 
         def fn(v, x, key, unbound=unbound):
-          rngs = None if key is None else {"dropout": key}
-          return unbound.apply(v, x, *args, rngs=rngs, **kwargs)
+          return unbound.apply(v, x, *args, rngs=key, **kwargs)
       else:
         variables.append(())
 
