@@ -16,6 +16,10 @@ Cost model (the definitions every number of a plan follows):
   (without tape) and again, with its own structure, in the backward pass;
   inside a recomputation the output is unused, so the forward of a trailing
   checkpointed sub-segment is dead code and is not counted (XLA removes it).
+  The count assumes each layer's backward needs its forward (true for layers
+  ending in a nonlinearity); XLA may also drop the forward of the last taped
+  layer of a recomputation when its backward does not need it (a purely
+  linear layer).
   (With ``jax.grad`` alone, XLA may drop the forward of the last checkpointed
   segment as dead code; the definition uses ``value_and_grad``.)
 * ``stored_states``: the most layer-boundary activations held for the backward
