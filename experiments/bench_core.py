@@ -12,17 +12,13 @@ as ratios against `jax.checkpoint`.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _common  # noqa: E402
-
-import remat  # noqa: E402
+import remat
+from remat._src import tradeoff
 
 
 class Block(nn.Module):
@@ -92,21 +88,21 @@ def main(argv=None):
                               strict=True))
     print(f"max |grad({name}) - grad(plain)| = {err:.2e}")
 
-  times = _common.interleaved_medians(
+  times = tradeoff.interleaved_medians(
       {name: (lambda s=step: s(params, x, key)) for name, step in steps.items()},
       rounds=args.rounds)
-  env = _common.environment()
+  env = tradeoff.environment()
   print(f"\n{args.blocks}-block transformer, batch {args.batch}, seq {args.seq}, width "
         f"{args.width}, dropout 0.1 — {env['backend']} ({env['device_kind']}), jax {env['jax']}\n")
   peer = "jax.checkpoint"
   rows = []
   for name in methods:
     p, t = profiles[name], times[name]
-    rows.append([name, _common.mib(p.temp_bytes), f"{p.temp_bytes / profiles[peer].temp_bytes:.3f}",
+    rows.append([name, f"{p.temp_bytes / 2**20:,.1f} MiB", f"{p.temp_bytes / profiles[peer].temp_bytes:.3f}",
                  f"{p.flops / 1e9:.2f}", f"{p.flops / profiles[peer].flops:.3f}",
                  f"{t * 1e3:.1f}", f"{t / times[peer]:.3f}"])
-  _common.print_table(["method", "temp", "temp / jax.ckpt", "GFLOP", "flops / jax.ckpt",
-                       "step ms (median)", "time / jax.ckpt"], rows)
+  print(tradeoff.markdown_table(["method", "temp", "temp / jax.ckpt", "GFLOP", "flops / jax.ckpt",
+                       "step ms (median)", "time / jax.ckpt"], rows))
 
 
 if __name__ == "__main__":
