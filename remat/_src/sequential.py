@@ -12,11 +12,13 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from remat._src import costs as costs_lib
 from remat._src import plan as plan_lib
 from remat._src import profile as profile_lib
 from remat._src import segmenters as seg_lib
+from remat._src import transform
 
 _API = "`remat.sequential`"
 _PLANS: dict[Any, plan_lib.Plan] = {}
@@ -25,13 +27,28 @@ _PLANS: dict[Any, plan_lib.Plan] = {}
 ### Main API
 
 
-def sequential(layers: Sequence[Callable], plan_or_segmenter: Any) -> Callable:
+def sequential(layers: Sequence[Callable] | Callable, plan_or_segmenter: Any) -> Callable:
   """Applies a chain of layers under a checkpointing plan (or a segmenter that makes one).
+
+  Homogeneous stacks: pass a single ``layer`` function instead of a list, and
+  parameters stacked on a leading axis (as for ``lax.scan``). The segmenter
+  plans for that many layers; a regular plan (``every(k)`` with ``k``
+  dividing the depth, ``sqrt()``, ``multilevel(levels)`` on suitable depths)
+  runs as nested ``lax.scan``s with checkpointed bodies, like
+  ``nn.remat_scan`` but planned; an irregular one (``revolve``, ``none``,
+  ``budget``, non-dividing sizes) runs unrolled over slices of the stack. In a
+  scan every iteration is the same program, so the forward of a trailing
+  checkpointed sub-segment in a recomputation is kept: a scanned plan may make
+  a few more forward evaluations than ``Plan.forward_evaluations`` says. An
+  unrolled stack slices its parameters, and XLA then holds the stacked
+  gradient (depth x one layer's parameter bytes) as temp memory, which a
+  ``budget`` plan (verified on the per-layer chain) does not include.
 
   Args:
     layers: the chain: functions ``layer(p, x) -> y`` or ``layer(p, x, key) -> y``
       (layers taking a key get ``remat.rng.layer_key(key, i)``, the same key in
-      the recomputation, so dropout is exact).
+      the recomputation, so dropout is exact), or one such function for a
+      stack with stacked parameters.
     plan_or_segmenter: a ``remat.Plan`` for ``len(layers)`` layers, or a
       segmenter from ``remat.segmenters`` (``every(4)``, ``revolve(3)``,
       ``budget(2**30)`` ...). A segmenter plans at trace time for the traced
@@ -58,6 +75,8 @@ def sequential(layers: Sequence[Callable], plan_or_segmenter: Any) -> Callable:
     >>> apply.plan_for(ws, x).forward_evaluations
     22
   """
+  if callable(layers) and not isinstance(layers, (list, tuple)):
+    return _stacked(layers, plan_or_segmenter)
   layers = tuple(layers)
   if not layers:
     raise ValueError(f"{_API} needs at least one layer, but got an empty sequence.")
@@ -134,6 +153,88 @@ def plan_for_chain(layers: Sequence[Callable], plan_or_segmenter: Any, params: S
 
 
 ### Implementation
+
+
+def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
+  """``sequential`` for one layer function over parameters stacked on axis 0."""
+  if not (isinstance(plan_or_segmenter, plan_lib.Plan) or callable(getattr(plan_or_segmenter, "plan", None))):
+    _check_plan_or_segmenter(plan_or_segmenter, 0)
+  caller = plan_lib.layer_callers([layer])[0]
+
+  def depth_of(params):
+    sizes = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(params)}
+    if len(sizes) != 1:
+      raise ValueError(
+          f"{_API} with a single layer expects every parameter leaf stacked on a leading axis of "
+          f"the same size (the depth), but got leading sizes {sorted(sizes)}.")
+    return sizes.pop()
+
+  def unstack(params, n):
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(n)]
+
+  def plan_for(params, x, key=None) -> plan_lib.Plan:
+    n = depth_of(params)
+    if isinstance(plan_or_segmenter, plan_lib.Plan) or not isinstance(plan_or_segmenter, seg_lib.budget):
+      _check_plan_or_segmenter(plan_or_segmenter, n)
+      return plan_or_segmenter if isinstance(plan_or_segmenter, plan_lib.Plan) \
+          else plan_or_segmenter.plan(n)
+    p0 = costs_lib.spec(jax.tree_util.tree_map(lambda a: a[0], params))
+    return plan_for_chain([layer] * n, plan_or_segmenter, [p0] * n, x, key)
+
+  def apply(params, x, key=None):
+    n = depth_of(params)
+    plan = plan_for(params, x, key)
+    levels = _regular_levels(plan.root)
+    if levels is None:
+      return plan_lib.apply_plan(plan, [layer] * n, unstack(params, n), x, key)
+    keys = None if key is None else jax.vmap(lambda i: plan_lib.layer_keys(key, i))(jnp.arange(n))
+    return _scan_levels(caller, levels, params, x, keys)
+
+  apply.plan_for = plan_for  # type: ignore[attr-defined]
+  apply.scanned = lambda params, x, key=None: _regular_levels(plan_for(params, x, key).root) is not None  # type: ignore[attr-defined]
+  return apply
+
+
+def _regular_levels(seg: plan_lib.Segment):
+  """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None."""
+  if not seg.children:
+    return [(seg.size, False)]
+  first = seg.children[0]
+  shape = _shape(first)
+  if any(_shape(c) != shape for c in seg.children):
+    return None
+  inner = _regular_levels(dataclasses.replace(first, checkpoint=False))
+  if inner is None:
+    return None
+  return [(len(seg.children), first.checkpoint)] + inner
+
+
+def _shape(seg: plan_lib.Segment):
+  return (seg.size, seg.checkpoint, tuple(_shape(c) for c in seg.children))
+
+
+def _scan_levels(caller, levels, params, x, keys):
+  """Nested ``lax.scan``: level ``(count, ck)`` scans ``count`` sub-stacks, checkpointing each if ``ck``."""
+  (count, ck), rest = levels[0], levels[1:]
+  split = lambda a: a.reshape((count, a.shape[0] // count) + a.shape[1:])  # noqa: E731
+  if not rest:  # taped layers
+    def body(x, pk):
+      p, k = pk
+      return plan_lib.call_tied(caller, p, x, k), None
+    return jax.lax.scan(body, x, (params, keys))[0]
+
+  def sub(p, x, k):
+    return _scan_levels(caller, rest, p, x, k)
+
+  f = transform.checkpoint(sub) if ck else sub
+
+  def body(x, pk):
+    p, k = pk
+    return f(p, x, k), None
+
+  stacked = jax.tree_util.tree_map(split, (params, keys))
+  return jax.lax.scan(body, x, stacked)[0]
+
 
 
 def _check_plan_or_segmenter(obj, n):
