@@ -36,6 +36,7 @@ from flax import linen as nn
 from flax.core import lift
 from flax.linen import transforms as linen_transforms
 
+from remat._src import adapter_util
 from remat._src import transform as transform_lib
 
 _API = "`remat.linen.checkpoint`"
@@ -128,7 +129,7 @@ def checkpoint(
   """
   nums = _check_static_argnums(static_argnums)
   # Check the remaining options once, where the user can see them.
-  _validate_passthrough(policy=policy, offload=offload, prevent_cse=prevent_cse)
+  adapter_util.validate_passthrough(_API, policy=policy, offload=offload, prevent_cse=prevent_cse)
   lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
                              static_argnums=tuple(i - 1 for i in nums),  # no `self`
                              policy=policy, offload=_shift_offload(offload),
@@ -175,15 +176,15 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
             f"the `static_argnums` argument to {_API} is out of range: index {i + 1} "
             f"(counting `self` as 0) for a call of `{name}` with {len(args) + 1} "
             "positional arguments. Pass that argument positionally, or fix the index.")
-      if _has_array(args[i]):
+      if adapter_util.has_array(args[i]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i + 1} of `{name}` (counting "
             f"`self` as 0), but the argument there is an array "
             f"({_describe(args[i])}). Static arguments must be hashable Python values; "
             "drop this index from `static_argnums` to pass the array normally.")
       static.add(i)
-    static |= {i for i, a in enumerate(args) if _auto_static(a)}
-    static_kwargs = {k: v for k, v in kwargs.items() if _auto_static(v)}
+    static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
+    static_kwargs = {k: v for k, v in kwargs.items() if adapter_util.auto_static(v)}
     dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_kwargs}
 
     def rematted(variable_groups, rng_groups, *args, **dyn_kwargs):
@@ -218,23 +219,6 @@ def _shift_offload(offload):
   if changes:
     offload = dataclasses.replace(offload, **changes)
   return offload.with_leading_arguments(2)
-
-
-def _validate_passthrough(**options):
-  """``remat.checkpoint``'s checks of the options we pass on, naming this API."""
-  try:
-    transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
-  except (TypeError, ValueError) as e:
-    raise type(e)(str(e).replace("`remat.checkpoint`", _API)) from None
-
-
-def _auto_static(x) -> bool:
-  return x is None or isinstance(x, (bool, str))
-
-
-def _has_array(x) -> bool:
-  return any(isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer))
-             for leaf in jax.tree_util.tree_leaves(x))
 
 
 def _describe(x) -> str:

@@ -26,6 +26,7 @@ from flax.nnx import graphlib
 from flax.nnx.transforms import general
 from flax.nnx.transforms.transforms import resolve_kwargs
 
+from remat._src import adapter_util
 from remat._src import transform as transform_lib
 from remat._src import typing as rt
 
@@ -99,7 +100,7 @@ def checkpoint(
     (4, 4)
   """
   nums = _check_static_argnums(static_argnums)
-  _validate_passthrough(policy=policy, offload=offload, prevent_cse=prevent_cse)
+  adapter_util.validate_passthrough(_API, policy=policy, offload=offload, prevent_cse=prevent_cse)
   if f is None:
     return functools.partial(checkpoint, static_argnums=nums, policy=policy,  # type: ignore[return-value]
                              offload=offload, prevent_cse=prevent_cse)
@@ -118,14 +119,14 @@ def checkpoint(
         raise ValueError(
             f"the `static_argnums` argument to {_API} is out of range: index {i} for a "
             f"call of `{_name(f)}` with {len(args)} positional arguments.")
-      if _has_array(args[j]) or _has_module(args[j]):
+      if adapter_util.has_array(args[j]) or _has_module(args[j]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i} of `{_name(f)}`, but the "
             f"argument there is {_describe(args[j])}. Static arguments must be hashable "
             "Python values; drop this index from `static_argnums` (arrays and modules "
             "are passed as traced state).")
       static.add(j)
-    static |= {i for i, a in enumerate(args) if _auto_static(a)}
+    static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
     return _transformed(f, tuple(sorted(static)), **options)(*args)
 
   return checkpointed  # type: ignore[return-value]
@@ -178,23 +179,6 @@ def _transformed(f, static, *, policy, offload, prevent_cse):
 
 def _name(f) -> str:
   return getattr(f, "__qualname__", None) or getattr(f, "__name__", repr(f))
-
-
-def _validate_passthrough(**options):
-  """``remat.checkpoint``'s checks of the options we pass on, naming this API."""
-  try:
-    transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
-  except (TypeError, ValueError) as e:
-    raise type(e)(str(e).replace("`remat.checkpoint`", _API)) from None
-
-
-def _auto_static(x) -> bool:
-  return x is None or isinstance(x, (bool, str))
-
-
-def _has_array(x) -> bool:
-  return any(isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer))
-             for leaf in jax.tree_util.tree_leaves(x))
 
 
 def _has_module(x) -> bool:
