@@ -51,18 +51,21 @@ def loss_of(y):
 
 
 def step_of(fn: Callable) -> Callable:
-  """The chain's training step whose temp memory plans predict.
+  """The reference training step whose temp memory plans predict and budgets bound.
 
   ``jax.value_and_grad`` of ``loss_of(fn(params, x, key))`` with respect to
-  ``params`` and ``x``, returning the loss and both gradients. (A step that
-  donates parameters and returns updated ones was tried: XLA then schedules
-  some parameter updates late and the temp memory of uniform chains no
-  longer follows the schedule, while with this step it matches it exactly.
-  Gradient outputs may host temporaries, which only makes the compiled
-  program smaller than predicted.)
+  ``params`` and ``x``; it returns the loss, the parameter gradients and only
+  the *sum* of the input gradient. The input gradient is thus computed but
+  lives in temp memory, as for a chain inside a larger model (returned as an
+  output, XLA would park other temporaries in its buffer; not computed, the
+  step would be cheaper than a chain after an embedding). A step that donates
+  parameters and returns updated ones was tried too: XLA then schedules some
+  updates late and the temp memory of uniform chains no longer follows the
+  schedule.
   """
   def step(params, x, key):
-    return jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
+    loss, (gp, gx) = jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
+    return loss, gp, loss_of(gx)
   return step
 
 

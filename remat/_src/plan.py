@@ -176,6 +176,12 @@ def _mib(b) -> str:
 ### Evaluating a tree under the cost model
 
 
+def backward_transient(costs: Sequence[LayerCost], i: int) -> float:
+  """Working memory of layer ``i``'s backward: its transient and the incoming cotangent."""
+  c = costs[i]
+  return float(c.transient_bytes) + (float(c.output_bytes) if i < len(costs) - 1 else 0.0)
+
+
 def leaf(start: int, stop: int, checkpoint: bool = False) -> Segment:
   return Segment(start, stop, (), checkpoint)
 
@@ -292,7 +298,7 @@ class _Simulator:
       self._count_states(working=i)
       if not self.unit:
         c = self._c(i)
-        self._bump(c.transient_bytes)
+        self._bump(backward_transient(self.costs, i))
         self.held -= data[len(data) - 1 - j]
       self._drop_state(i)
 

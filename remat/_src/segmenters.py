@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from remat._src.plan import LayerCost, Plan, Segment, leaf, make_plan
+from remat._src.plan import LayerCost, Plan, Segment, backward_transient, leaf, make_plan
 
 Costs = int | Sequence[LayerCost] | Sequence[float]
 
@@ -198,7 +198,10 @@ class budget:  # noqa: N801
   it. Used through ``remat.sequential`` (or the Flax ``Sequential``s) the plan
   is made per traced shape and checked by compiling it; if the compiled
   program does not fit, the planner tightens its target and plans again (at
-  most ``max_compiles`` compiles).
+  most ``max_compiles`` compiles). The verified plan compiles to at most
+  99.5% of ``max_bytes`` for that reference step (``value_and_grad`` of the
+  chain's summed output with respect to parameters and input), leaving room
+  for the small buffers a caller's own step adds.
 
   Args:
     max_bytes: the memory budget in bytes (a positive int).
@@ -261,10 +264,11 @@ class budget:  # noqa: N801
     dp = _BudgetDP(costs, offload_candidates(costs, self.offload))
     smallest = dp.min_peak()
     if target < smallest:
+      need = int(math.ceil(smallest * self.max_bytes / target))
       raise ValueError(
           f"`remat.segmenters.budget({self.max_bytes})`: no plan fits {target:,} bytes; the smallest "
           f"feasible budget for this chain is {int(math.ceil(smallest)):,} bytes (predicted). "
-          f"Raise `max_bytes` to at least {int(math.ceil(smallest))} or make the layers smaller.")
+          f"Raise `max_bytes` to at least {need} or make the layers smaller.")
     root = dp.solve(target)
     return make_plan(root, costs, len(costs), repr(self))
 
@@ -379,8 +383,14 @@ class _BudgetDP:
 
   def min_peak(self) -> float:
     """The smallest predicted peak of any tree (exact bytes)."""
+    return self._min_peak_table()[0][(0, self.n, True, False)]
+
+  def _min_peak_table(self):
+    if hasattr(self, "_mp"):
+      return self._mp
     n = self.n
     mp: dict = {}
+    arg: dict = {}
     for length in range(1, n + 1):
       for i in range(0, n - length + 1):
         j = i + length
@@ -388,7 +398,7 @@ class _BudgetDP:
           for dead in (True, False):
             c = self.c[i]
             rest = mp[(i + 1, j, False, dead)] if j > i + 1 else 0.0
-            best = max(c.kept_bytes + c.transient_bytes, c.kept_bytes + rest)
+            best, best_k = max(c.kept_bytes + backward_transient(self.c, i), c.kept_bytes + rest), 0
             kc = self.keep_ck(i, free)
             for k in range(i + 1, j + 1):
               if free and k == j:
@@ -396,9 +406,26 @@ class _BudgetDP:
               pf = 0.0 if (dead and k == j) else self.plain_peak(i, k)
               head = kc + max(pf, mp[(i, k, True, True)])
               val = head if k == j else max(head, kc + mp[(k, j, False, dead)])
-              best = min(best, val)
+              if val < best:
+                best, best_k = val, k
             mp[(i, j, free, dead)] = best
-    return mp[(0, n, True, False)]
+            arg[(i, j, free, dead)] = best_k
+    self._mp = (mp, arg)
+    return self._mp
+
+  def min_peak_tree(self) -> Segment:
+    """A tree with the smallest predicted peak (exact, no quantisation)."""
+    _, arg = self._min_peak_table()
+
+    def rebuild(i, j, free, dead):
+      k = arg[(i, j, free, dead)]
+      if k == 0:
+        return [leaf(i, i + 1)] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
+      inner = _merge_taped(rebuild(i, k, True, True))
+      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
+      return [seg] + (rebuild(k, j, False, dead) if k < j else [])
+
+    return Segment(0, self.n, tuple(_merge_taped(rebuild(0, self.n, True, False))))
 
   def solve(self, target: float) -> Segment:
     """The optimal tree for ``target`` bytes, certified by exact simulation."""
@@ -417,9 +444,8 @@ class _BudgetDP:
       root = self._solve_quantized(t, res)
       if root is not None and make_plan(root, self.c, n, "").predicted_peak_bytes <= target:
         return root
-    raise RuntimeError(
-        f"`remat.segmenters.budget`: the planner could not certify a plan under {target:,.0f} bytes "
-        "although the smallest predicted peak fits; please report this chain's costs.")
+    # Within the quantisation error of the smallest peak: the exact min-peak tree.
+    return self.min_peak_tree()
 
   def _solve_quantized(self, target, m_max):
     n, c = self.n, self.c
@@ -443,7 +469,7 @@ class _BudgetDP:
       for i in range(0, n - length + 1):
         j = i + length
         ci = c[i]
-        kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + ci.transient_bytes)
+        kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + backward_transient(c, i))
         for free in (True, False):
           kc = Q(self.keep_ck(i, free))
           for dead in (True, False):

@@ -22,6 +22,7 @@ from remat._src import transform
 
 _API = "`remat.sequential`"
 _PLANS: dict[Any, plan_lib.Plan] = {}
+_SLACK = 0.005  # fraction of a budget left free for the caller's step beyond the reference step
 
 
 ### Main API
@@ -265,7 +266,10 @@ def _budget_plan(layers, seg: seg_lib.budget, p_spec, x_spec, k_spec) -> plan_li
     return _PLANS[cache_key]
   costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec)
   smallest = seg_lib._BudgetDP(costs).min_peak()
-  target = seg.max_bytes
+  # Keep a little room for what the caller's own step adds (a loss, another
+  # argnums: a few hundred bytes measured) on top of the reference step.
+  limit = int(seg.max_bytes * (1 - _SLACK))
+  target = limit
   tried, seen, best = [], set(), None
   for _ in range(seg.max_compiles):
     plan = seg.plan(costs, target_bytes=target)
@@ -274,17 +278,17 @@ def _budget_plan(layers, seg: seg_lib.budget, p_spec, x_spec, k_spec) -> plan_li
     seen.add(plan.root)
     temp = _compiled_temp(plan, layers, p_spec, x_spec, k_spec)
     tried.append((plan.forward_evaluations, plan.predicted_peak_bytes, temp))
-    fits = temp <= seg.max_bytes
+    fits = temp <= limit
     if fits and (best is None or plan.predicted_flops < best.predicted_flops):
       best = dataclasses.replace(plan, compiled_temp_bytes=temp)
-    if fits and (plan.recomputed_evaluations == 0 or temp >= 0.98 * seg.max_bytes):
+    if fits and (plan.recomputed_evaluations == 0 or temp >= 0.98 * limit):
       break
     # Correct the model's bias with the compiled number: aim lower after an
     # overshoot, higher when the program came out smaller than predicted.
     if fits:
-      target = int(target * seg.max_bytes / max(temp, 1))
+      target = int(target * limit / max(temp, 1))
     else:
-      target = int(math.floor(min(target * seg.max_bytes / temp, plan.predicted_peak_bytes - 1)))
+      target = int(math.floor(min(target * limit / temp, plan.predicted_peak_bytes - 1)))
       if target < smallest:
         break
   if best is not None:
@@ -293,5 +297,6 @@ def _budget_plan(layers, seg: seg_lib.budget, p_spec, x_spec, k_spec) -> plan_li
   detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
   raise ValueError(
       f"`remat.segmenters.budget({seg.max_bytes})`: no plan found whose compiled temp memory fits "
-      f"{seg.max_bytes:,} bytes in {len(tried)} compile(s) ({detail}). Raise `max_bytes` "
-      f"to at least {min(t for _, _, t in tried):,} bytes, or `max_compiles`.")
+      f"{limit:,} bytes (99.5% of the budget) in {len(tried)} compile(s) ({detail}). Raise "
+      f"`max_bytes` to at least {math.ceil(min(t for _, _, t in tried) / (1 - _SLACK)):,} bytes, "
+      "or `max_compiles`.")
