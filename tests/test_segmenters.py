@@ -7,6 +7,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
+import remat
 from remat import segmenters as S
 from remat._src.plan import Segment, make_plan
 
@@ -86,7 +87,7 @@ def test_segmenters_are_hashable_frozen_and_comparable():
   assert len({*segs, S.every(4)}) == len(segs)
   with pytest.raises(dataclasses.FrozenInstanceError):
     segs[0].k = 3
-  assert S.budget(10, offload="host").offload == "host"
+  assert S.budget(10, offload=remat.offload.host()).offload == remat.offload.host()
   hash(S.every(4).plan(8))
 
 
@@ -184,5 +185,7 @@ def test_budget_on_a_long_uniform_chain_beats_uniform_segmentations():
     assert b.predicted_flops <= p.predicted_flops, (seg, str(b))
 
 
-def test_offload_hook_is_called_and_device_only_for_now():
-  assert S.offload_candidates((lc(1, 1, 1, 1),), "host") == ()
+def test_offload_hook_rejects_what_is_not_an_offload_policy():
+  with pytest.raises(TypeError, match="remat.segmenters.budget"):
+    S.offload_candidates((lc(1, 1, 1, 1),), "host")
+  assert S.offload_candidates((lc(1, 1, 1, 1),), None) == ()

@@ -92,7 +92,8 @@ class Sequential(nnx.Sequential):
         for c in seg.children:
           sub = mods[c.start - seg.start:c.stop - seg.start]
           if c.checkpoint:
-            x = nnx_lib.checkpoint(lambda m, x, c=c: run(c, m, x))(sub, x)
+            x = nnx_lib.checkpoint(lambda m, x, c=c: run(c, m, x),
+                                   offload=plan_lib.OFFLOAD_INPUT if c.offload else None)(sub, x)
           else:
             x = run(c, sub, x)
         return x

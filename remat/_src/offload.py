@@ -36,6 +36,10 @@ _API = "`remat.offload.host`"
 #   tpu: a PCIe 4.0 x16-class host link per chip, about 25 GB/s.
 #   cpu: nothing moves (see `supported`); a memcpy-class figure for modelling only.
 DEFAULT_BANDWIDTH: dict[str, float] = {"gpu": 50e9, "tpu": 25e9, "cpu": 10e9}
+# Sustained compute rate in flop/s assumed when a planner asks how long the
+# compute is that a transfer can hide behind (rough: a float32/TF32 matmul mix).
+#   gpu: H100/H200 class; tpu: v5e class; cpu: a few cores.
+DEFAULT_COMPUTE_RATE: dict[str, float] = {"gpu": 2e14, "tpu": 2e14, "cpu": 1e11}
 # Fixed cost of one transfer (DMA setup and synchronisation), in seconds.
 DEFAULT_LATENCY_S = 10e-6
 # Below this size a move costs more in fixed latency than it frees: at 50 GB/s
@@ -187,6 +191,21 @@ class HostOffload:
     if nbytes <= 0:
       return 0.0
     return self.latency + float(nbytes) / self.link_bandwidth(backend)
+
+  def compute_seconds(self, flops: float, *, backend: str | None = None) -> float:
+    """Assumed time of ``flops`` of compute on ``backend`` (``DEFAULT_COMPUTE_RATE``).
+
+    A planner compares it with :meth:`transfer_seconds` to see how much of a
+    transfer hides behind the compute that runs meanwhile.
+
+    Example:
+
+      >>> import remat
+      >>> remat.offload.host().compute_seconds(2e14, backend="gpu")
+      1.0
+    """
+    rate = DEFAULT_COMPUTE_RATE.get(_platform(backend or jax.default_backend()), DEFAULT_COMPUTE_RATE["gpu"])
+    return float(flops) / rate
 
   def round_trip_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
     """Time to move ``nbytes`` to host in the forward pass and back in the backward.

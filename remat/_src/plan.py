@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from remat._src import offload as offload_lib
 from remat._src import rng as rng_lib
 from remat._src import transform
 
@@ -87,16 +88,23 @@ class Segment:
       every layer in the range runs taped.
     checkpoint: wrap this segment in ``remat.checkpoint`` (keep its input,
       recompute inside in the backward pass).
+    offload: with ``checkpoint``, keep the stored input in host memory
+      (``pinned_host``) between the forward and the backward pass
+      (``remat.offload.host``).
   """
 
   start: int
   stop: int
   children: tuple[Segment, ...] = ()
   checkpoint: bool = False
+  offload: bool = False
 
   def __post_init__(self):
     if not 0 <= self.start < self.stop:
       raise ValueError(f"a `remat.Segment` needs 0 <= start < stop, but got [{self.start}, {self.stop}).")
+    if self.offload and not self.checkpoint:
+      raise ValueError(f"`remat.Segment` [{self.start}, {self.stop}): only a checkpointed segment's "
+                       "stored input can be offloaded; pass `checkpoint=True` with `offload=True`.")
     if self.children:
       edges = [self.start] + [c.stop for c in self.children]
       starts = [c.start for c in self.children]
@@ -113,7 +121,7 @@ class Segment:
     pad = "  " * indent
     what = "checkpoint" if self.checkpoint else ("tape" if not self.children else "segment")
     rng = f"[{self.start}, {self.stop})" if self.size > 1 else f"[{self.start}]"
-    out = [f"{pad}{what} {rng}"]
+    out = [f"{pad}{what} {rng}" + (" (input offloaded to host)" if self.offload else "")]
     for c in self.children:
       out += c.lines(indent + 1)
     return out
@@ -140,6 +148,8 @@ class Plan:
       was verified by compiling it (``budget``), else ``None``.
     layer_evaluations: forward evaluations of each layer (they sum to
       ``forward_evaluations``).
+    offloaded_bytes: bytes of the stored boundary activations the plan keeps
+      in host memory (the inputs of segments with ``offload=True``).
   """
 
   root: Segment
@@ -151,6 +161,7 @@ class Plan:
   segmenter: str = ""
   compiled_temp_bytes: int | None = None
   layer_evaluations: tuple[int, ...] = dataclasses.field(default=(), repr=False)
+  offloaded_bytes: int = 0
 
   @property
   def recomputed_evaluations(self) -> int:
@@ -166,6 +177,8 @@ class Plan:
       head += f", compiled temp {_mib(self.compiled_temp_bytes)}"
     if self.predicted_flops is not None:
       head += f", {self.predicted_flops / 1e9:,.3f} GFLOP"
+    if self.offloaded_bytes:
+      head += f", {_mib(self.offloaded_bytes)} offloaded to host"
     return "\n".join([head] + self.root.lines(1))
 
 
@@ -198,6 +211,7 @@ def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int,
               predicted_peak_bytes=None if costs is None or sim.unit else int(sim.peak),
               predicted_flops=None if costs is None else float(sim.flops),
               segmenter=segmenter, compiled_temp_bytes=compiled_temp_bytes,
+              offloaded_bytes=int(sim.offloaded),
               layer_evaluations=tuple(sim.per_layer))
 
 
@@ -215,6 +229,7 @@ class _Simulator:
     self.peak = 0.0
     self.states: dict[int, int] = {0: 1}  # boundary index -> holders; chain input held by the caller
     self.max_states = 0
+    self.offloaded = 0.0      # bytes of stored inputs placed in host memory
 
   def _c(self, i) -> LayerCost:
     return self.costs[i]
@@ -252,6 +267,12 @@ class _Simulator:
     """
     if seg.checkpoint:
       b = self._state_bytes(seg.start)
+      first_input = 0.0
+      if seg.offload and not self.unit:
+        # On device while the segment's forward reads it, then in host memory
+        # until the backward pass brings it back.
+        self.offloaded += b
+        first_input, b = b, 0.0
       self.held += b
       self._hold_state(seg.start)
       for i in range(seg.start, seg.stop if output_needed else seg.start):  # forward without tape
@@ -260,7 +281,7 @@ class _Simulator:
         if not self.unit:
           c = self._c(i)
           self.flops += c.flops
-          inp = 0.0 if i == seg.start else c.input_bytes
+          inp = first_input if i == seg.start else c.input_bytes
           self._bump(inp + c.output_bytes + c.forward_transient_bytes)
       self._count_states()
       return ("ckpt", b)
@@ -284,10 +305,12 @@ class _Simulator:
   def backward(self, seg: Segment, keeps):
     kind, data = keeps
     if kind == "ckpt":
-      inner = dataclasses.replace(seg, checkpoint=False)
+      back = float(self._c(seg.start).input_bytes) if (seg.offload and not self.unit) else 0.0
+      self.held += back  # an offloaded input is on device again for the recomputation
+      inner = dataclasses.replace(seg, checkpoint=False, offload=False)
       inner_keeps = self.taped(inner, output_needed=False)
       self.backward(inner, inner_keeps)
-      self.held -= data
+      self.held -= data + back
       self._drop_state(seg.start)
       return
     if kind == "seq":
@@ -348,8 +371,12 @@ def build(seg: Segment, callers: Sequence[Callable]) -> Callable:
       return x
   run.__name__ = f"segment_{seg.start}_{seg.stop}"
   if seg.checkpoint:
-    return transform.checkpoint(run)
+    return transform.checkpoint(run, offload=OFFLOAD_INPUT if seg.offload else None)
   return run
+
+
+# The stored input of an offloaded segment: argument 1 of ``run(ps, x, ks)``.
+OFFLOAD_INPUT = offload_lib.host(argnums=1, min_bytes=0)
 
 
 def layer_keys(key, i):

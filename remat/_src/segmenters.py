@@ -15,6 +15,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from remat._src.plan import LayerCost, Plan, Segment, backward_transient, leaf, make_plan
@@ -205,11 +206,17 @@ class budget:  # noqa: N801
 
   Args:
     max_bytes: the memory budget in bytes (a positive int).
-    offload: reserved for host offload of boundary activations (a
-      ``remat.offload`` policy). It is stored and handed to
-      :func:`offload_candidates`, the hook where the planner receives the
-      boundaries that may live in host memory; today that hook offers none,
-      so plans are device-only.
+    offload: a ``remat.offload.host(...)`` policy, or ``None``. With it, on a
+      backend that executes host offload (``remat.offload.supported()``:
+      GPU, TPU), the planner has a third choice for the stored input of each
+      checkpointed segment besides keeping it on device or recomputing more
+      finely: keep it in host memory (``Segment.offload``), which frees its
+      device bytes at the price of a transfer each way. The transfer is
+      charged only where it cannot hide behind the segment's forward compute
+      (policy's ``transfer_seconds`` against ``compute_seconds``), so the
+      planner prefers, in order: keep, offload, recompute. ``Plan`` reports
+      ``offloaded_bytes``. On a backend that does not execute offload (XLA:CPU)
+      it plans recomputation only.
     max_compiles: how many candidate plans ``remat.sequential`` may compile to
       find one that truly fits.
 
@@ -235,8 +242,13 @@ class budget:  # noqa: N801
     _check_positive_int(self.max_bytes, "max_bytes", "remat.segmenters.budget", "budget(2**30)")
     _check_positive_int(self.max_compiles, "max_compiles", "remat.segmenters.budget",
                         "budget(2**30, max_compiles=4)")
+    if self.offload is not None:
+      from remat._src import offload as offload_lib  # policies live there
 
-  def plan(self, costs: Sequence[LayerCost], *, target_bytes: int | None = None) -> Plan:
+      offload_lib.validate_offload(self.offload, api="`remat.segmenters.budget`")
+
+  def plan(self, costs: Sequence[LayerCost], *, target_bytes: int | None = None,
+           backend: str | None = None) -> Plan:
     """Returns the cheapest :class:`Plan` whose predicted peak fits the budget.
 
     Args:
@@ -244,6 +256,8 @@ class budget:  # noqa: N801
         measures them from XLA).
       target_bytes: plan for this many bytes instead of ``max_bytes`` (used
         when a compiled plan overshot its prediction).
+      backend: the platform to plan for (``"gpu"``, ``"tpu"``, ``"cpu"``);
+        default ``jax.default_backend()``. Decides whether offload is an option.
 
     Returns:
       The :class:`Plan`.
@@ -261,7 +275,8 @@ class budget:  # noqa: N801
     if not costs:
       raise ValueError("`remat.segmenters.budget` needs at least one layer, but got no costs.")
     target = self.max_bytes if target_bytes is None else int(target_bytes)
-    dp = _BudgetDP(costs, offload_candidates(costs, self.offload))
+    dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
+                   backend=backend)
     smallest = dp.min_peak()
     if target < smallest:
       need = int(math.ceil(smallest * self.max_bytes / target))
@@ -273,30 +288,41 @@ class budget:  # noqa: N801
     return make_plan(root, costs, len(costs), repr(self))
 
 
-def offload_candidates(costs: Sequence[LayerCost], offload: Any) -> tuple[int, ...]:
-  """Hook for host offload: the boundaries whose activation may live in host memory.
+def offload_candidates(costs: Sequence[LayerCost], offload: Any, *,
+                       backend: str | None = None) -> tuple[int, ...]:
+  """The boundaries whose activation the budget planner may keep in host memory.
 
-  The budget planner calls this with the chain's costs and
-  ``budget(..., offload=...)``. A boundary index returned here would be a
-  third choice for the dynamic program besides "tape" and "recompute":
-  keep the activation on the host (its device bytes become transfer time).
-  The device-only planner returns ``()``; the offload integration fills this in.
+  A boundary ``i`` (the input of layer ``i``) qualifies when an offload policy
+  is given, the backend executes host offload, ``i > 0`` (the chain input is
+  an argument, already held by the caller) and the activation is large enough
+  to be worth a transfer (the policy's ``min_bytes``).
 
   Args:
     costs: the chain's per-layer costs.
     offload: the ``offload`` argument of :class:`budget` (``None``: device only).
+    backend: the platform planned for; default ``jax.default_backend()``.
 
   Returns:
-    A tuple of boundary indices (currently always empty).
+    A tuple of boundary indices (empty without offload, or on XLA:CPU).
 
   Example:
 
-    >>> from remat._src.segmenters import offload_candidates
-    >>> offload_candidates((), None)
+    >>> import remat
+    >>> from remat.segmenters import LayerCost, offload_candidates
+    >>> c = [LayerCost(1 << 20, 1 << 20, 1 << 20, 0, 1e9, 3e9)] * 4
+    >>> offload_candidates(c, remat.offload.host(), backend="gpu")
+    (1, 2, 3)
+    >>> offload_candidates(c, remat.offload.host(), backend="cpu")
     ()
   """
-  del costs, offload
-  return ()
+  if offload is None:
+    return ()
+  from remat._src import offload as offload_lib  # policies live there
+
+  offload_lib.validate_offload(offload, api="`remat.segmenters.budget`")
+  if not offload_lib.supported(backend or jax.default_backend()):
+    return ()
+  return tuple(i for i in range(1, len(costs)) if offload.worth_moving(int(costs[i].input_bytes)))
 
 
 ### Revolve (uniform chains)
@@ -359,10 +385,12 @@ class _BudgetDP:
   checkpointed head there costs no forward pass, as XLA removes it.
   """
 
-  def __init__(self, costs, offload_boundaries=()):
+  def __init__(self, costs, offload_boundaries=(), offload=None, backend=None):
     self.c = costs
     self.n = len(costs)
-    self.offload_boundaries = offload_boundaries  # the offload hook's output (unused: device-only)
+    self.offload_boundaries = frozenset(offload_boundaries)
+    self.offload = offload
+    self.backend = backend
     f = np.array([c.flops for c in costs], dtype=np.float64)
     self.fsum = np.concatenate([[0.0], np.cumsum(f)])
     # Peak of a forward without tape over [i, k) with input held: max output (+ input after the first).
@@ -380,6 +408,26 @@ class _BudgetDP:
 
   def keep_ck(self, i, free):
     return 0.0 if free else float(self.c[i].input_bytes)
+
+  def can_offload(self, i, k, j, free, dead) -> bool:
+    """Offloading the stored input of a checkpointed head ``[i, k)`` frees device
+    memory only while a rest ``[k, j)`` runs, and only for an input not already held."""
+    return (not free) and k < j and i in self.offload_boundaries
+
+  def offload_cost(self, i, k) -> float:
+    """Flop-equivalent price of keeping boundary ``i`` on host for head ``[i, k)``.
+
+    Each way, the transfer overlaps at least the forward of ``[i, k)`` (the
+    copy out runs while it computes; the copy back is issued a segment ahead
+    in the backward pass); only the part that cannot hide is charged, at the
+    backend's assumed compute rate. A 1-flop floor makes the planner keep a
+    value on device when memory allows.
+    """
+    nbytes = float(self.c[i].input_bytes)
+    fwd = self.offload.compute_seconds(self.fsum[k] - self.fsum[i], backend=self.backend)
+    exposed = max(0.0, self.offload.transfer_seconds(nbytes, backend=self.backend) - fwd)
+    rate = (self.fsum[k] - self.fsum[i]) / fwd if fwd > 0 else 0.0
+    return 1.0 + 2.0 * exposed * rate
 
   def min_peak(self) -> float:
     """The smallest predicted peak of any tree (exact bytes)."""
@@ -408,6 +456,10 @@ class _BudgetDP:
               val = head if k == j else max(head, kc + mp[(k, j, False, dead)])
               if val < best:
                 best, best_k = val, k
+              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
+                val = max(head, mp[(k, j, False, dead)])
+                if val < best:
+                  best, best_k = val, k + n + 1
             mp[(i, j, free, dead)] = best
             arg[(i, j, free, dead)] = best_k
     self._mp = (mp, arg)
@@ -421,8 +473,10 @@ class _BudgetDP:
       k = arg[(i, j, free, dead)]
       if k == 0:
         return [leaf(i, i + 1)] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
+      off = k > self.n
+      k = k - self.n - 1 if off else k
       inner = _merge_taped(rebuild(i, k, True, True))
-      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
+      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
       return [seg] + (rebuild(k, j, False, dead) if k < j else [])
 
     return Segment(0, self.n, tuple(_merge_taped(rebuild(0, self.n, True, False))))
@@ -491,6 +545,11 @@ class _BudgetDP:
               better = val < best
               best = np.where(better, val, best)
               arg = np.where(better, k, arg)
+              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
+                val = head + opt[(k, j, False, dead)] + self.offload_cost(i, k)
+                better = val < best
+                best = np.where(better, val, best)
+                arg = np.where(better, k + n + 1, arg)
             opt[(i, j, free, dead)] = best
             choice[(i, j, free, dead)] = arg
     if not np.isfinite(opt[(0, n, True, False)][M - 1]):
@@ -505,12 +564,14 @@ class _BudgetDP:
       if j > i + 1:
         out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].kept_bytes), choice, Q)
       return out
+    off = k > self.n
+    k = k - self.n - 1 if off else k
     kc = Q(self.keep_ck(i, free))
     inner = _merge_taped(self._rebuild(i, k, True, True, m - kc, choice, Q))
-    seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True)
+    seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
     if k == j:
       return [seg]
-    return [seg] + self._rebuild(k, j, False, dead, m - kc, choice, Q)
+    return [seg] + self._rebuild(k, j, False, dead, m if off else m - kc, choice, Q)
 
 
 def _merge_taped(segs: list[Segment]) -> list[Segment]:

@@ -200,6 +200,8 @@ def _regular_levels(seg: plan_lib.Segment):
   """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None."""
   if not seg.children:
     return [(seg.size, False)]
+  if any(c.offload for c in seg.children):  # offloaded inputs: run unrolled
+    return None
   first = seg.children[0]
   shape = _shape(first)
   if any(_shape(c) != shape for c in seg.children):
