@@ -307,7 +307,11 @@ def figures(rows: Sequence[dict], activation_bytes: int) -> list:
     ax.set_xlabel("depth D (layers)")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log" if key == "flops" else "symlog", **({} if key == "flops" else {"linthresh": 1}))
+    if key == "flops":
+      ax.set_yscale("log")
+    else:  # symlog: forward-only memory can be 0 activations
+      ax.set_yscale("symlog", linthresh=1)
+      ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -316,11 +320,13 @@ def figures(rows: Sequence[dict], activation_bytes: int) -> list:
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   fig.set_label("frontier.png")
   if dmax in std:
-    for r in rows:
-      if r["depth"] == dmax and r["method"] != "forward_only":
-        xy = (r["temp_bytes"] / activation_bytes, r["flops"] / std[dmax]["flops"])
-        ax.scatter(*xy)
-        ax.annotate(r["method"], xy, fontsize=8)
+    at_max = [r for r in rows if r["depth"] == dmax and r["method"] != "forward_only"]
+    for n, r in enumerate(at_max):
+      xy = (r["temp_bytes"] / activation_bytes, r["flops"] / std[dmax]["flops"])
+      ax.scatter(*xy)
+      # alternate label offsets so that neighbouring points stay readable
+      ax.annotate(r["method"], xy, fontsize=8, textcoords="offset points",
+                  xytext=(4, 6 if n % 2 else -10))
   ax.set_xlabel(f"compiled temp memory at D={dmax} (activations)")
   ax.set_ylabel("flops / standard")
   ax.set_title("the memory / compute trade-off")
