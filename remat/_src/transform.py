@@ -70,9 +70,12 @@ def checkpoint(
       ``(primitive, *avals, **params) -> bool``). Intermediates it marks as
       saveable are kept from the forward pass; the rest are recomputed
       (selective recomputation). ``None`` keeps only the inputs.
-    offload: an optional ``remat.offload`` policy: the values kept for the
-      backward pass are placed in host memory (``pinned_host``) during the
-      forward pass and brought back for the backward pass.
+    offload: an optional ``remat.offload`` policy: the activations kept for
+      the backward pass are placed in host memory (``pinned_host``) during the
+      forward pass and brought back for the backward pass. Those are the
+      dynamic arguments the policy selects (``remat.offload.host(argnums=1)``
+      for ``block(params, x)``; by default every dynamic argument) and, with
+      ``policy=``, the intermediates it saves; closed-over values never move.
     prevent_cse: put the residuals and the cotangent through one
       ``optimization_barrier`` before recomputing (keep ``True`` unless the
       call sits in a ``lax.scan`` body on a backend that does not need it).
