@@ -102,3 +102,31 @@ def test_an_offload_plan_runs_exactly_and_moves_the_stored_boundaries():
   # Exactly one stored boundary (the input of [3, 6)) goes to host and comes back; no parameter moves.
   assert sorted(placed) == [("device", "tensor<64x32xf32>"), ("pinned_host", "tensor<64x32xf32>")]
   assert isinstance(plan, Plan)
+
+
+def test_stacked_parameters_keep_an_offload_nested_in_a_later_segment():
+  ck = lambda a, b, kids=(), off=False: Segment(a, b, kids, True, off)
+  root = Segment(0, 4, (ck(0, 2, (ck(0, 1), ck(1, 2))), ck(2, 4, (ck(2, 3), ck(3, 4, (), True)))))
+  from remat._src.plan import make_plan
+  plan = make_plan(root, None, 4, "hand-made")
+  apply = remat.sequential(_layer, plan)  # one layer over stacked parameters
+  ws = jnp.stack([jnp.eye(32) * 0.5] * 4)
+  x = jnp.ones((64, 32))
+  assert not apply.scanned(ws, x)  # a scan would drop the nested offload flag
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
+    exported = jax.export.export(jax.jit(jax.grad(lambda ws: apply(ws, x).sum())), platforms=["cuda"])(ws)
+  assert exported.mlir_module().count('_xla_buffer_placement = "pinned_host"') == 1
+
+
+def test_a_transfer_behind_a_layer_without_compute_is_not_free():
+  free_layer = LayerCost(MIB, MIB, MIB, 0, 0.0, 0.0)  # a reshape, say: no flops to hide behind
+  costs = [UNIFORM[0]] + [free_layer] * 6 + [UNIFORM[0]]
+  slow = remat.offload.host(bandwidth=1e3)
+  p = S.budget(3 * MIB, offload=slow).plan(costs, backend="gpu")
+  assert p.offloaded_bytes == 0
+
+
+def test_tiny_budgets_plan_or_name_the_smallest_without_crashing():
+  p = S.budget(100).plan([LayerCost(4096, 4096, 0, 0, 1e3, 3e3)])
+  assert p.predicted_peak_bytes <= 100

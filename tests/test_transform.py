@@ -234,6 +234,14 @@ def test_determinism_check_catches_hidden_randomness():
   jax.block_until_ready(jax.jit(jax.grad(lambda x: g(key, x).sum()))(jnp.ones(4)))
 
 
+def test_determinism_check_compares_bits_in_every_dtype():
+  # bf16 NaNs (log of a negative) are the same bits when recomputed: no false alarm.
+  f = remat.checkpoint(jnp.log, check_determinism=True)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    jax.grad(lambda x, f=f: f(x).sum())(jnp.array([-1.0, 2.0], dtype))
+  assert not remat._src.transform._same_bits(np.float32(0.0), np.float32(-0.0))
+
+
 def test_static_argnums_and_decorator_forms():
   @remat.checkpoint(static_argnums=(1,))
   def f(x, n):

@@ -21,7 +21,7 @@ def parse_bytes(text: str) -> int:
   Raises:
     argparse.ArgumentTypeError: for anything else, with the accepted forms.
   """
-  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
   if not m or m.group(2).lower() not in _UNITS:
     raise argparse.ArgumentTypeError(
         f"cannot read {text!r} as a size in bytes; write e.g. 2GiB, 512MiB, 1.5GB or 1e9.")
@@ -114,6 +114,10 @@ def cmd_plan(args) -> int:
   from remat._src import chains, profile, sequential, tradeoff
 
   try:
+    if args.budget is not None and not args.segmenter.startswith("budget"):
+      raise argparse.ArgumentTypeError(
+          f"--budget applies to the budget segmenter, but --segmenter is {args.segmenter!r}; "
+          "use --segmenter budget --budget SIZE.")
     seg = parse_segmenter(args.segmenter, args.budget)
   except argparse.ArgumentTypeError as e:
     print(f"remat plan: error: {e}", file=sys.stderr)

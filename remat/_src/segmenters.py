@@ -426,7 +426,7 @@ class _BudgetDP:
     nbytes = float(self.c[i].input_bytes)
     fwd = self.offload.compute_seconds(self.fsum[k] - self.fsum[i], backend=self.backend)
     exposed = max(0.0, self.offload.transfer_seconds(nbytes, backend=self.backend) - fwd)
-    rate = (self.fsum[k] - self.fsum[i]) / fwd if fwd > 0 else 0.0
+    rate = 1.0 / self.offload.compute_seconds(1.0, backend=self.backend)  # flop/s
     return 1.0 + 2.0 * exposed * rate
 
   def min_peak(self) -> float:
@@ -488,7 +488,7 @@ class _BudgetDP:
                                              c.transient_bytes)]
     g = functools.reduce(math.gcd, [v for v in vals if v > 0] or [1])
     candidates = []
-    if target / g <= 16384:  # exact integer arithmetic in units of the common divisor
+    if 1 <= target / g <= 16384:  # exact integer arithmetic in units of the common divisor
       candidates.append((int(target // g) * g, int(target // g)))
     for res in (2048, 8192):
       candidates.append((target, res))

@@ -198,10 +198,10 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
 
 def _regular_levels(seg: plan_lib.Segment):
   """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None."""
+  if _has_offload(seg):  # offloaded inputs: run unrolled, where each segment keeps its flag
+    return None
   if not seg.children:
     return [(seg.size, False)]
-  if any(c.offload for c in seg.children):  # offloaded inputs: run unrolled
-    return None
   first = seg.children[0]
   shape = _shape(first)
   if any(_shape(c) != shape for c in seg.children):
@@ -210,6 +210,10 @@ def _regular_levels(seg: plan_lib.Segment):
   if inner is None:
     return None
   return [(len(seg.children), first.checkpoint)] + inner
+
+
+def _has_offload(seg: plan_lib.Segment) -> bool:
+  return seg.offload or any(_has_offload(c) for c in seg.children)
 
 
 def _shape(seg: plan_lib.Segment):

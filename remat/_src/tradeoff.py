@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -228,7 +229,7 @@ def founding_table(rows: Sequence[dict], activation_bytes: int) -> str:
     if m not in at:
       continue
     r = at[m]
-    rel = lambda k, r=r: f"{r[k] / std[k]:.2f}x" if std and std[k] else "n/a"
+    rel = lambda k, r=r: f"{r[k] / std[k]:.2f}x" if std and std[k] and math.isfinite(r[k] / std[k]) else "n/a"
     body.append([m, f"{r['temp_bytes'] / activation_bytes:.1f} act ({_mib(r['temp_bytes'])})",
                  rel("flops"), r["forward_evaluations"], rel("step_time_s")])
   head = ["method", "memory (compiled temp)", "compute (flops vs standard)",

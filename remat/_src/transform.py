@@ -79,10 +79,12 @@ def checkpoint(
     prevent_cse: put the residuals and the cotangent through one
       ``optimization_barrier`` before recomputing (keep ``True`` unless the
       call sits in a ``lax.scan`` body on a backend that does not need it).
-    check_determinism: debugging aid. In the forward pass, run ``fn`` a second
-      time and raise :class:`RecomputationMismatchError` if the outputs differ
-      bit for bit (for example randomness that does not come from key
-      arguments). Doubles the forward cost; off by default.
+    check_determinism: debugging aid. When differentiated, the forward pass
+      runs ``fn`` a second time and raises :class:`RecomputationMismatchError`
+      if the outputs differ bit for bit (for example randomness that does not
+      come from key arguments). Under ``jit`` the check runs in a host
+      callback, so the error reaches you as a runtime error carrying the same
+      message. Doubles the forward cost; off by default.
 
   Returns:
     A function with the same signature, name and docstring as ``fn``.
@@ -277,10 +279,9 @@ def _barrier(tree):
 
 
 def _same_bits(a, b) -> bool:
-  a, b = np.asarray(a), np.asarray(b)
-  if a.dtype.kind in "fc":
-    return bool(np.array_equal(a, b, equal_nan=True))
-  return bool(np.array_equal(a, b))
+  """Bit-for-bit equality (NaN payloads and signed zeros included; any dtype, bf16 too)."""
+  a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def _check_outputs(name, out, again):
