@@ -284,7 +284,7 @@ class _Simulator:
           inp = first_input if i == seg.start else c.input_bytes
           self._bump(inp + c.output_bytes + c.forward_transient_bytes)
       self._count_states()
-      return ("ckpt", b)
+      return ("ckpt", (b, first_input))
     if seg.children:
       last = len(seg.children) - 1
       return ("seq", [self.taped(c, output_needed or j < last) for j, c in enumerate(seg.children)])
@@ -305,7 +305,7 @@ class _Simulator:
   def backward(self, seg: Segment, keeps):
     kind, data = keeps
     if kind == "ckpt":
-      back = float(self._c(seg.start).input_bytes) if (seg.offload and not self.unit) else 0.0
+      data, back = data
       self.held += back  # an offloaded input is on device again for the recomputation
       inner = dataclasses.replace(seg, checkpoint=False, offload=False)
       inner_keeps = self.taped(inner, output_needed=False)
