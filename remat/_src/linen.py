@@ -28,10 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from flax import linen as nn
 from flax.core import lift
 from flax.linen import transforms as linen_transforms
@@ -263,11 +262,8 @@ def _check_module_class(module_cls) -> type[nn.Module]:
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  if isinstance(static_argnums, (int, np.integer)) and not isinstance(static_argnums, bool):
-    static_argnums = (static_argnums,)
-  ok = isinstance(static_argnums, Iterable) and not isinstance(static_argnums, (str, bytes))
-  nums = tuple(static_argnums) if ok else ()
-  if not ok or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums):
+  nums = transform_lib.int_tuple(static_argnums)
+  if nums is None:
     raise TypeError(
         f"the `static_argnums` argument to {_API} must be an int or a tuple of ints "
         f"(counting `self` as 0), but got {static_argnums!r}. For "

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.nnx import graphlib
 from flax.nnx.transforms import general
@@ -220,11 +219,8 @@ def _check_callable(f):
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  if isinstance(static_argnums, (int, np.integer)) and not isinstance(static_argnums, bool):
-    static_argnums = (static_argnums,)
-  ok = isinstance(static_argnums, Iterable) and not isinstance(static_argnums, (str, bytes))
-  nums = tuple(static_argnums) if ok else ()
-  if not ok or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums):
+  nums = transform_lib.int_tuple(static_argnums)
+  if nums is None:
     raise TypeError(
         f"the `static_argnums` argument to {_API} must be an int or a tuple of ints, "
         f"but got {static_argnums!r}. For a method `__call__(self, x, train)` use "

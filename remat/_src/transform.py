@@ -121,15 +121,23 @@ def checkpoint(
 ### Implementation
 
 
-def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_determinism):
-  if isinstance(static_argnums, (int, np.integer)) and not isinstance(static_argnums, bool):
-    static_argnums = (int(static_argnums),)
+def int_tuple(value) -> tuple[int, ...] | None:
+  """``3`` or ``(1, 2)`` as a tuple of ints; ``None`` for anything else (bools, strings, floats)."""
+  is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, bool)  # noqa: E731
+  if is_int(value):
+    return (int(value),)
+  if isinstance(value, (str, bytes)):
+    return None
   try:
-    nums = tuple(static_argnums)
+    nums = tuple(value)
   except TypeError:
-    nums = None
-  if nums is None or not all(
-      isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in nums):
+    return None
+  return tuple(int(i) for i in nums) if all(is_int(i) for i in nums) else None
+
+
+def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_determinism):
+  nums = int_tuple(static_argnums)
+  if nums is None:
     raise TypeError(
         f"the `static_argnums` argument to {_API} must be an int or a tuple of "
         f"ints, but got {static_argnums!r}. Pass the positions of the static "
@@ -149,7 +157,7 @@ def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_det
     raise TypeError(
         f"the `check_determinism` argument to {_API} must be a bool, but got "
         f"{check_determinism!r}.")
-  return dict(static_argnums=tuple(int(i) for i in nums), policy=policy, offload=offload,
+  return dict(static_argnums=nums, policy=policy, offload=offload,
               prevent_cse=prevent_cse, check_determinism=check_determinism)
 
 
