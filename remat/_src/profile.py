@@ -128,7 +128,11 @@ def profile(fn: Callable, *args, **kwargs) -> Profile:
   """
   if not callable(fn):
     raise TypeError(f"`remat.profile` expects a callable, but got {fn!r}.")
-  compiled, backend = compile_fn(fn, *args, **kwargs)
+  return profile_compiled(*compile_fn(fn, *args, **kwargs))
+
+
+def profile_compiled(compiled, backend: str) -> Profile:
+  """The :class:`Profile` of an already compiled program (``jax.stages.Compiled``)."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):

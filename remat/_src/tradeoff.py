@@ -132,8 +132,9 @@ def measure(chains_: Sequence[chains.Chain], methods: Sequence[str], *, rounds: 
       for method in methods:
         bar.set_description(f"D={chain.depth} {method}")
         step, plan = step_for(method, chain, revolve_slots=revolve_slots)
-        fn = compile_lib.jit(step)
-        prof = profile_lib.profile(fn, params, x, key)
+        # One compile serves both the statistics and the timed runs.
+        fn, backend = profile_lib.compile_fn(compile_lib.jit(step), params, x, key)
+        prof = profile_lib.profile_compiled(fn, backend)
         dots = _forward_dots(prof)
         if per_layer is None:  # forward matmuls of one layer
           one = dataclasses.replace(chain, depth=1)
