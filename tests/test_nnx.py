@@ -1,7 +1,6 @@
 """remat.nnx.checkpoint against the plain module and flax.nnx.remat."""
 
 import functools
-import re
 import warnings
 
 import chex
@@ -14,6 +13,7 @@ from flax import nnx
 import remat
 from remat.models import data
 from remat.models import nnx as models
+from lowering import cuda_placements
 
 WRAPPERS = {"plain": None, "ours": remat.nnx.checkpoint, "flax": nnx.remat}
 
@@ -231,11 +231,8 @@ def test_policy_and_offload_are_passed_through():
   loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
-    # XLA:CPU drops placements (DESIGN.md fact 5): read them from the GPU lowering.
-    text = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda"])(state).mlir_module()
     g = jax.jit(jax.grad(loss))(state)
-  placed = re.findall(r"annotate_device_placement\(%[^)]*\)[^\n]*?_xla_buffer_placement = "
-                      r"\"(\w+)\"[^\n]*?: \((tensor<[^>]*>)", text)
+  placed = cuda_placements(jax.grad(loss), state)
   assert placed.count(("pinned_host", "tensor<32x16xf32>")) == 2, placed
   assert all(t == "tensor<32x16xf32>" for _, t in placed), placed
   graphdef0, state0 = nnx.split(models.MLP(2, 16, rngs=nnx.Rngs(0)))

@@ -17,11 +17,10 @@ import pytest
 
 import remat
 from remat._src import offload as offload_lib
+from lowering import cuda_placements
 
 B, H, DEPTH = 32, 16, 4  # activations are (B, H), parameters (H, H): told apart by shape
 ACT, PARAM = f"tensor<{B}x{H}xf32>", f"tensor<{H}x{H}xf32>"
-_PLACEMENT = re.compile(
-    r"annotate_device_placement\(%[^)]*\)[^\n]*?_xla_buffer_placement = \"(\w+)\"[^\n]*?: \((tensor<[^>]*>)")
 
 jit_modes = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 
@@ -78,8 +77,7 @@ def gpu_placements(kind: str) -> tuple[tuple[str, str], ...]:
   }
   loss, ck = configs[kind]
   ws, x = make()
-  exp = jax.export.export(jax.jit(step(loss, **ck)), platforms=["cuda"])(ws, x)
-  return tuple(_PLACEMENT.findall(exp.mlir_module()))
+  return tuple(cuda_placements(step(loss, **ck), ws, x))
 
 
 # -- Numerics ------------------------------------------------------------------
@@ -305,5 +303,5 @@ def test_offload_inside_lax_scan():
 
   step_fn = jax.jit(jax.grad(loss), static_argnums=2)
   chex.assert_trees_all_close(step_fn(ws, x, ck), jax.grad(loss)(ws, x, layer), atol=1e-5, rtol=1e-5)
-  text = jax.export.export(step_fn, platforms=["cuda"])(ws, x, ck).mlir_module()
-  assert _PLACEMENT.findall(text) == [("pinned_host", ACT), ("device", ACT)]
+  assert cuda_placements(functools.partial(jax.grad(loss), f=ck), ws, x) == [("pinned_host", ACT),
+                                                                            ("device", ACT)]
