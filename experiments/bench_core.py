@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import remat
-from remat._src import tradeoff
+from remat_bench import tradeoff
 
 
 class Block(nn.Module):

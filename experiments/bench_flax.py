@@ -1,7 +1,7 @@
 """Benchmark the Flax adapters against Flax's own remat on a 6-block transformer LM.
 
 Five training steps (loss, gradients, SGD update) of the same
-``remat.models`` TransformerLM with dropout, compiled with ``remat.jit`` (so
+``remat_bench.models`` TransformerLM with dropout, compiled with ``remat.jit`` (so
 XLA:CPU keeps every variant's rematerialization):
 
   plain                     no checkpointing (linen)
@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 
 import remat
-from remat.models import data
-from remat.models import linen as linen_models
-from remat.models import nnx as nnx_models
+from remat_bench.models import data
+from remat_bench.models import linen as linen_models
+from remat_bench.models import nnx as nnx_models
 
 
 def xent(logits, targets):

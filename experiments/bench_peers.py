@@ -1,6 +1,6 @@
 """Ours against every peer, one process, same models: memory, flops and step time as ratios.
 
-Pairs (ours / peer), on a stack of ``remat.models.linen.TransformerBlock``s
+Pairs (ours / peer), on a stack of ``remat_bench.models.linen.TransformerBlock``s
 with dropout (width, heads, batch, seq_len below), each a training step
 ``value_and_grad`` compiled with ``remat.jit`` (on CPU the option that keeps
 rematerialization, for the peers too):
@@ -31,9 +31,9 @@ from flax import nnx
 
 import remat
 from remat import segmenters as S
-from remat._src import tradeoff
-from remat.models import linen as mlinen
-from remat.models import nnx as mnnx
+from remat_bench import tradeoff
+from remat_bench.models import linen as mlinen
+from remat_bench.models import nnx as mnnx
 
 
 def mse(y):

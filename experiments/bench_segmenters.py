@@ -1,6 +1,6 @@
 """Every segmenter on a 24-block transformer, against plain backprop and Flax's remat.
 
-One process, one model: ``remat.models.linen.TransformerBlock`` x ``--depth``
+One process, one model: ``remat_bench.models.linen.TransformerBlock`` x ``--depth``
 with dropout, a training step ``value_and_grad`` of the mean output (and an
 SGD update), compiled with ``remat.jit`` so XLA:CPU keeps every variant's
 rematerialization. Variants:
@@ -32,7 +32,7 @@ import numpy as np
 
 import remat
 from remat import segmenters as S
-from remat.models.linen import TransformerBlock
+from remat_bench.models.linen import TransformerBlock
 
 
 class Loop(nn.Module):

@@ -21,7 +21,7 @@ Plans:
 Without a GPU/TPU (or with ``--cpu-smoke``) it runs a tiny model: the numbers
 are checked to agree, the module lowered for CUDA with ``jax.export`` is checked
 to carry the ``pinned_host`` placements, and the S(5)/host-memory assertions are
-SKIPPED (XLA:CPU drops memory-kind moves; DESIGN.md fact 5), which it says.
+SKIPPED (XLA:CPU drops memory-kind moves; docs/facts.md, fact 5), which it says.
 
 Usage:
   python experiments/gpu_check.py               # full size on GPU/TPU, smoke on CPU

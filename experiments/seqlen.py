@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import remat
 from remat import segmenters as S
 from remat._src import cli, tradeoff
-from remat.models.linen import TransformerBlock
+from remat_bench.models.linen import TransformerBlock
 
 
 def make(depth, width, heads, segmenter):

@@ -26,9 +26,9 @@ import optax
 from flax import nnx
 
 import remat
-from remat.models import data
-from remat.models import linen as linen_models
-from remat.models import nnx as nnx_models
+from remat_bench.models import data
+from remat_bench.models import linen as linen_models
+from remat_bench.models import nnx as nnx_models
 
 
 def xent(logits, targets):

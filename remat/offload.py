@@ -1,12 +1,14 @@
 """Host offload of checkpoint residuals on XLA memory kinds (see ``remat/_src/offload.py``).
 
+``host(...)`` is the runtime policy; ``HostLink`` is the transfer/compute model
+that the planner assumes for it.
+
 >>> import remat
 >>> policy = remat.offload.host(argnums=1)  # use as remat.checkpoint(f, offload=policy)
 """
 
+from remat._src.hostlink import DEFAULT_BANDWIDTH, DEFAULT_COMPUTE_RATE, DEFAULT_LATENCY_S, HostLink
 from remat._src.offload import (
-    DEFAULT_BANDWIDTH,
-    DEFAULT_LATENCY_S,
     DEFAULT_MIN_BYTES,
     HostOffload,
     OffloadNotExecutedWarning,
@@ -16,8 +18,10 @@ from remat._src.offload import (
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
+    "DEFAULT_COMPUTE_RATE",
     "DEFAULT_LATENCY_S",
     "DEFAULT_MIN_BYTES",
+    "HostLink",
     "HostOffload",
     "OffloadNotExecutedWarning",
     "host",

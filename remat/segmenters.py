@@ -2,35 +2,36 @@
 
 ``every(k)``, ``sqrt()``, ``multilevel(levels)``, ``none()`` and ``revolve(slots)``
 need only the number of layers; ``budget(max_bytes)`` plans from costs measured
-from XLA (``measure_costs``). Each ``.plan(costs)`` returns a ``Plan``; apply it
-with ``remat.sequential``.
+from XLA (``measure_costs``). Each follows the ``Segmenter`` protocol: ``.plan(costs)``
+returns a ``Plan``; apply it with ``remat.sequential``.
 """
 
+from remat._src.budget import budget, min_feasible_bytes, offload_candidates
 from remat._src.costs import measure_costs
-from remat._src.plan import LayerCost, Plan, Segment
+from remat._src.plan import LayerCost, Plan, Segment, Verifier
 from remat._src.segmenters import (
-    budget,
+    Segmenter,
     every,
     multilevel,
     none,
-    offload_candidates,
     revolve,
     revolve_evaluations,
     sqrt,
 )
-from remat._src.sequential import plan_for_chain as plan_for
 
 __all__ = [
     "LayerCost",
     "Plan",
     "Segment",
+    "Segmenter",
+    "Verifier",
     "budget",
     "every",
     "measure_costs",
+    "min_feasible_bytes",
     "multilevel",
     "none",
     "offload_candidates",
-    "plan_for",
     "revolve",
     "revolve_evaluations",
     "sqrt",

@@ -1,6 +1,6 @@
 """Reading host-offload placements from a program lowered for CUDA (shared by the tests).
 
-XLA:CPU drops memory-kind placements from its lowering (DESIGN.md, fact 5), so
+XLA:CPU drops memory-kind placements from its lowering (docs/facts.md, fact 5), so
 the tests read what would move on a GPU from ``jax.export`` for ``cuda``.
 """
 

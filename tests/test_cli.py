@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from remat._src import chains, cli, tradeoff
+from remat._src import cli
+from remat_bench import chains, tradeoff
 
 
 def test_parse_bytes_and_segmenters():
@@ -34,6 +35,18 @@ def test_help_runs_as_a_module():
   out = subprocess.run([sys.executable, "-m", "remat", "plan", "--help"], capture_output=True, text=True,
                        check=True).stdout
   assert "--segmenter" in out and "--budget" in out
+  out = subprocess.run([sys.executable, "-m", "remat", "compare", "--help"], capture_output=True, text=True,
+                       check=True).stdout
+  assert "--depths" in out and "--methods" in out  # remat_bench.tradeoff's options, shared with the experiment
+
+
+def test_compare_runs_the_experiment_code(capsys, tmp_path):
+  rc = cli.main(["compare", "--depths", "2", "4", "--width", "32", "--batch", "16", "--rounds", "0",
+                 "--methods", "checkpoint_sqrt", "--no-progress", "--out", str(tmp_path)])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert "checkpoint_sqrt" in out and "tradeoff.csv" in out
+  assert (tmp_path / "tradeoff.csv").exists()
 
 
 def test_plan_prints_predicted_and_compiled(capsys):

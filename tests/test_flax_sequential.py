@@ -11,7 +11,7 @@ from flax import nnx
 
 import remat
 from remat import segmenters as S
-from remat.models.linen import TransformerBlock
+from remat_bench.models.linen import TransformerBlock
 
 SEGMENTERS = [None, S.every(2), S.sqrt(), S.revolve(2), S.none(), S.multilevel(2)]
 
@@ -61,7 +61,7 @@ def dense_step_profile(seg):
 @pytest.mark.parametrize("seg", [S.every(3), S.revolve(3), S.none()], ids=repr)
 def test_linen_compiled_forward_matmuls_equal_the_plan(seg):
   prof, plan = dense_step_profile(seg)
-  assert prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == plan.forward_evaluations
+  assert prof.forward_dots() == plan.forward_evaluations
   plain, _ = dense_step_profile(None)
   assert prof.temp_bytes < plain.temp_bytes
 
@@ -135,7 +135,7 @@ def test_linen_errors():
     remat.linen.Sequential([])
   with pytest.raises(TypeError, match=r"`segmenter` of `remat.linen.Sequential`.*'sqrt'"):
     remat.linen.Sequential(dense_layers(), segmenter="sqrt")
-  with pytest.raises(ValueError, match=r"plan is for 4 layers but there are 6"):
+  with pytest.raises(ValueError, match=r"plan is for 4 layers but the chain has 6"):
     remat.linen.Sequential(dense_layers(), segmenter=S.every(2).plan(4))
 
   class Stat(nn.Module):
@@ -162,7 +162,7 @@ def test_nnx_state_equals_nnx_sequential_and_gradients_equal_plain(seg):
 
 
 def test_nnx_dropout_gradients_equal_plain_over_two_calls():
-  from remat.models.nnx import TransformerBlock as NNXBlock
+  from remat_bench.models.nnx import TransformerBlock as NNXBlock
 
   def make(seg):
     return remat.nnx.Sequential(
@@ -186,7 +186,7 @@ def test_nnx_forward_matmuls_equal_the_plan():
     return jax.value_and_grad(lambda s: nnx.merge(gd, s)(x).sum())(state)
 
   prof = remat.profile(step, state, jnp.ones((256, 128)))
-  assert prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == \
+  assert prof.forward_dots() == \
       model.plan_for(jnp.ones((256, 128))).forward_evaluations == S.revolve_evaluations(12, 3)
 
 

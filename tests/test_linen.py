@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import remat
-from remat.models import data
-from remat.models import linen as models
+from remat_bench.models import data
+from remat_bench.models import linen as models
 from lowering import cuda_placements
 
 ours = functools.partial(remat.linen.checkpoint, static_argnums=(2,))
@@ -184,7 +184,7 @@ def test_method_decorator_matches_plain_with_dropout():
   chex.assert_trees_all_close(grad(Decorated()), grad(Plain()), atol=1e-6)
   assert remat.profile(jax.value_and_grad(
       lambda p: Decorated().apply({"params": p}, x, True, rngs={"dropout": jax.random.key(2)}).sum()),
-      v["params"]).count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == 2
+      v["params"]).forward_dots() == 2
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -329,7 +329,7 @@ def test_compiled_memory_and_forward_count_match_flax_remat():
   # Dense layers compile to dots contracting (1,)/(0,): 4 per block and the head. With
   # per-block checkpointing the backward recomputes each block; the last dense of each block
   # (fc2) is not needed by the backward and is pruned, so 3 more per block, as with flax.
-  fwd = lambda p: p.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+  fwd = lambda p: p.forward_dots()
   assert fwd(plain) == 4 * 6 + 1
   assert fwd(mine) == fwd(flx) == fwd(plain) + 3 * 6
   assert mine.flops == pytest.approx(flx.flops, rel=0.01)
@@ -343,7 +343,7 @@ def test_mlp_forward_evaluations_doubled():
     m = models.MLP(4, 16, block_wrapper=None if kind == "plain" else WRAPPERS[kind])
     p = m.init(jax.random.key(0), x)["params"]
     step = jax.value_and_grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x) ** 2))
-    counts[kind] = remat.profile(step, p).count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+    counts[kind] = remat.profile(step, p).forward_dots()
   assert counts == {"plain": 4, "ours": 8, "flax": 8}
 
 
@@ -354,7 +354,7 @@ def test_policy_and_offload_are_passed_through():
   p = m.init(jax.random.key(0), x)["params"]
   step = jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2))
   # dots are saved, so none is recomputed: as many forward dots as without checkpointing.
-  assert remat.profile(step, p).count_dots(lhs_contracting=(1,), rhs_contracting=(0,)) == 4
+  assert remat.profile(step, p).forward_dots() == 4
 
   host = remat.offload.host(argnums=1, min_bytes=0)  # x of __call__(self, x), counting self
   m = models.MLP(2, 16, block_wrapper=functools.partial(remat.linen.checkpoint, offload=host))

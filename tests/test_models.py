@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 import remat
-from remat.models import data
-from remat.models import linen as ml
-from remat.models import nnx as mn
+from remat_bench.models import data
+from remat_bench.models import linen as ml
+from remat_bench.models import nnx as mn
 
 ours_linen = functools.partial(remat.linen.checkpoint, static_argnums=(2,))
 

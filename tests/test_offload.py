@@ -1,6 +1,6 @@
 """remat.offload: exact gradients, GPU lowering moves activations (not parameters), honest CPU.
 
-XLA:CPU drops memory-kind moves (DESIGN.md, fact 5), so the placement is checked
+XLA:CPU drops memory-kind moves (docs/facts.md, fact 5), so the placement is checked
 in the module lowered for GPU with ``jax.export`` and the numerics on CPU.
 """
 
@@ -221,28 +221,37 @@ def test_cpu_lowering_drops_placements_and_warns_once(monkeypatch):
 
 
 def test_supported():
-  assert remat.offload.supported() is False  # these tests run on XLA:CPU
-  assert remat.offload.supported(jax.devices()[0]) is False
+  # The answer follows the backend the tests run on: XLA:CPU drops the moves, GPU/TPU execute them.
+  executes = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+  assert remat.offload.supported() is executes
+  assert remat.offload.supported(jax.devices()[0]) is executes
   assert remat.offload.supported("cuda") and remat.offload.supported("tpu")
   assert not remat.offload.supported("cpu")
   with pytest.raises(TypeError, match="remat.offload.supported"):
     remat.offload.supported(3)
 
 
-def test_policy_is_frozen_hashable_and_a_cost_model():
+def test_policy_is_frozen_hashable_with_a_link_model():
   a = remat.offload.host(argnums=(2, 1, 1), bandwidth=1e9, latency=0.0)
   assert a == remat.offload.host(argnums=[1, 2], bandwidth=1e9, latency=0.0)
   assert a.argnums == (1, 2) and hash(a) == hash(remat.offload.host(argnums=(1, 2), bandwidth=1e9, latency=0))
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.min_bytes = 3
-  assert a.transfer_seconds(5e8) == pytest.approx(0.5)
-  assert a.round_trip_seconds(5e8) == pytest.approx(1.0)
-  assert a.transfer_seconds(0) == 0.0
+  assert a.link == remat.offload.HostLink(bandwidth=1e9, latency=0.0)
+  assert a.link.transfer_seconds(5e8) == pytest.approx(0.5)
+  assert a.link.transfer_seconds(0) == 0.0
+  # 0.5 s each way at 1 GB/s, behind 5e13 flops (0.25 s on a "gpu") each way: 2 x 0.25 s exposed.
+  assert a.link.exposed_seconds(5e8, 5e13, backend="gpu") == pytest.approx(0.5)
+  assert a.link.exposed_seconds(5e8, 1e14, backend="gpu") == 0.0
   d = remat.offload.host()
-  assert d.link_bandwidth("cuda") == remat.offload.DEFAULT_BANDWIDTH["gpu"]
-  assert d.link_bandwidth("tpu") == remat.offload.DEFAULT_BANDWIDTH["tpu"]
-  assert d.transfer_seconds(1 << 30, backend="gpu") == pytest.approx(
+  assert d.link.link_bandwidth("cuda") == remat.offload.DEFAULT_BANDWIDTH["gpu"]
+  assert d.link.link_bandwidth("tpu") == remat.offload.DEFAULT_BANDWIDTH["tpu"]
+  assert d.link.transfer_seconds(1 << 30, backend="gpu") == pytest.approx(
       remat.offload.DEFAULT_LATENCY_S + (1 << 30) / 50e9)
+  with pytest.raises(ValueError, match="bandwidth.*`remat.offload.host`"):
+    remat.offload.host(bandwidth=-1.0)
+  with pytest.raises(ValueError, match="latency.*`remat.offload.HostLink`.*nan"):
+    remat.offload.HostLink(latency=float("nan"))
   assert not d.worth_moving(1024) and d.worth_moving(1 << 20)
   assert a.moves_input(1) and not a.moves_input(0) and not a.moves_input(None)
   assert not a.moves_input("x") and d.moves_input("x")

@@ -58,9 +58,8 @@ def test_offload_is_used_when_it_pays_and_not_otherwise():
 
 def test_simulator_counts_an_offloaded_input_only_while_it_is_on_device():
   kids = lambda off: (Segment(0, 4, (), True), Segment(4, 8, (), True, off), Segment(8, 16))
-  from remat._src.plan import make_plan
-  a = make_plan(Segment(0, 16, kids(False)), UNIFORM, 16, "test")
-  b = make_plan(Segment(0, 16, kids(True)), UNIFORM, 16, "test")
+  a = Plan.from_tree(Segment(0, 16, kids(False)), UNIFORM, segmenter="test")
+  b = Plan.from_tree(Segment(0, 16, kids(True)), UNIFORM, segmenter="test")
   assert a.forward_evaluations == b.forward_evaluations
   assert b.offloaded_bytes == MIB and a.offloaded_bytes == 0
   assert b.predicted_peak_bytes == a.predicted_peak_bytes - MIB
@@ -79,8 +78,7 @@ def test_an_offload_plan_runs_exactly_and_moves_the_stored_boundaries():
   ws = [jax.random.normal(jax.random.key(i), (32, 32)) / 6 for i in range(depth)]
   x = jax.random.normal(jax.random.key(99), act_shape)
   root = Segment(0, depth, (Segment(0, 3, (), True), Segment(3, 6, (), True, True), Segment(6, 8)))
-  from remat._src.plan import make_plan
-  plan = make_plan(root, None, depth, "hand-made")
+  plan = Plan.from_tree(root, None, segmenter="hand-made")
   apply = remat.sequential([_layer] * depth, plan)
 
   def loss(ws, x, f):
@@ -105,8 +103,7 @@ def test_an_offload_plan_runs_exactly_and_moves_the_stored_boundaries():
 def test_stacked_parameters_keep_an_offload_nested_in_a_later_segment():
   ck = lambda a, b, kids=(), off=False: Segment(a, b, kids, True, off)
   root = Segment(0, 4, (ck(0, 2, (ck(0, 1), ck(1, 2))), ck(2, 4, (ck(2, 3), ck(3, 4, (), True)))))
-  from remat._src.plan import make_plan
-  plan = make_plan(root, None, 4, "hand-made")
+  plan = Plan.from_tree(root, None, segmenter="hand-made")
   apply = remat.sequential(_layer, plan)  # one layer over stacked parameters
   ws = jnp.stack([jnp.eye(32) * 0.5] * 4)
   x = jnp.ones((64, 32))

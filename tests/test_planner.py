@@ -22,8 +22,6 @@ def cheap(w, x):
   return jnp.tanh(x @ w)
 
 
-def fwd_dots(prof):
-  return prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,11 +42,11 @@ UNIFORM = [(16, S.every(4)), (16, S.every(1)), (16, S.none()), (16, S.revolve(2)
 def test_compiled_forward_matmuls_equal_the_plan(depth, seg):
   prof, plan = uniform_profile(depth, seg)
   assert plan.num_layers == depth
-  assert fwd_dots(prof) == plan.forward_evaluations == sum(plan.layer_evaluations)
+  assert prof.forward_dots() == plan.forward_evaluations == sum(plan.layer_evaluations)
   if isinstance(seg, S.none):
-    assert fwd_dots(prof) == depth * (depth + 1) // 2
+    assert prof.forward_dots() == depth * (depth + 1) // 2
   if isinstance(seg, S.revolve):
-    assert fwd_dots(prof) == S.revolve_evaluations(depth, seg.slots)
+    assert prof.forward_dots() == S.revolve_evaluations(depth, seg.slots)
   if isinstance(seg, S.budget):
     assert prof.temp_bytes <= seg.max_bytes and plan.recomputed_evaluations > 0
 
@@ -71,7 +69,7 @@ def test_predicted_temp_matches_compiled_within_10_percent_on_uniform_chains(dep
   # (multilevel(2) on 16 layers is predicted at 7 activations and compiles to 6.)
   ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * depth
   x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32)
-  p = S.plan_for([cheap] * depth, seg, ws, x, compile=True)
+  p = remat.sequential([cheap] * depth, seg).plan_for(ws, x, compile=True)
   assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
   assert p.predicted_flops > 0 and "compiled temp" in str(p)
 
@@ -147,7 +145,7 @@ def test_sequential_errors():
     remat.sequential([], S.sqrt())
   with pytest.raises(TypeError, match=r"`remat.sequential`: layer 1 must be a function"):
     remat.sequential([cheap, 3], S.sqrt())
-  with pytest.raises(TypeError, match=r"`remat.Plan` or a segmenter.*'sqrt'"):
+  with pytest.raises(TypeError, match=r"a segmenter such as.*or a `remat.Plan`, but got 'sqrt'"):
     remat.sequential([cheap], "sqrt")
   with pytest.raises(ValueError, match=r"plan is for 4 layers but the chain has 2"):
     remat.sequential([cheap] * 2, S.every(2).plan(4))
@@ -196,16 +194,16 @@ def test_budget_dominates_every_uniform_segmentation(k):
   layers, ps, x = hetero_chain()
   uniform = remat.profile(chain_step(layers, S.every(k)), ps, x)
   m = uniform.temp_bytes
-  plan = S.plan_for(layers, S.budget(m), ps, x)
+  plan = remat.sequential(layers, S.budget(m)).plan_for(ps, x)
   planned = remat.profile(chain_step(layers, S.budget(m)), ps, x)
   assert planned.temp_bytes == plan.compiled_temp_bytes
   assert planned.temp_bytes <= 1.05 * m
   assert planned.flops <= uniform.flops * (1 + 1e-6), (k, str(plan))
   # A wide layer makes two forward matmuls, a cheap one one.
-  assert fwd_dots(planned) == sum(n * (2 if f is wide else 1)
+  assert planned.forward_dots() == sum(n * (2 if f is wide else 1)
                                   for n, f in zip(plan.layer_evaluations, layers, strict=True))
   # Prediction vs compiled for the uniform plan and the chosen one.
-  every_plan = S.plan_for(layers, S.every(k), ps, x, compile=True)
+  every_plan = remat.sequential(layers, S.every(k)).plan_for(ps, x, compile=True)
   assert every_plan.compiled_temp_bytes == m
   for p in (every_plan, plan):
     assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
@@ -217,13 +215,14 @@ def test_budget_recomputes_nothing_where_plain_fits_and_replans_per_shape():
   small, large = (jax.ShapeDtypeStruct((n, WIDTH), jnp.float32) for n in (256, 1024))
   m = 8 * ACT                     # plain needs 12 activations of the 512-row chain
   seg = S.budget(m)
-  p_small, p_large = S.plan_for(layers, seg, ws, small), S.plan_for(layers, seg, ws, large)
+  apply = remat.sequential(layers, seg)
+  p_small, p_large = apply.plan_for(ws, small), apply.plan_for(ws, large)
   assert p_small.recomputed_evaluations == 0          # 12 half-size activations fit
   assert p_large.recomputed_evaluations > 0 and p_large.compiled_temp_bytes <= m
   step = chain_step(layers, seg)
   for x, p in ((small, p_small), (large, p_large)):
     prof = remat.profile(step, ws, x)
-    assert prof.temp_bytes <= m and fwd_dots(prof) == p.forward_evaluations
+    assert prof.temp_bytes <= m and prof.forward_dots() == p.forward_evaluations
 
 
 def test_budget_under_jit_plans_at_trace_time_and_matches_plain_gradients():
@@ -241,7 +240,7 @@ def test_budget_below_the_smallest_names_it():
   layers, ps, x = hetero_chain()
   costs = S.measure_costs(layers, ps, x)
   with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is [\d,]+ bytes"):
-    S.plan_for(layers, S.budget(HACT), ps, x)
+    remat.sequential(layers, S.budget(HACT)).plan_for(ps, x)
   # Costs are measured from XLA and cached by the layer's computation and shape.
   assert costs[0] == costs[3] and costs[1] == costs[2]
   assert costs[0].kept_bytes > 3 * HACT and costs[1].kept_bytes == pytest.approx(HACT, rel=0.01)

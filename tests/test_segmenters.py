@@ -9,13 +9,13 @@ import pytest
 
 import remat
 from remat import segmenters as S
-from remat._src.plan import Segment, make_plan
+from remat.segmenters import Plan, Segment
 
 
 # -- revolve: Griewank-Walther's binomial optimum --------------------------------
 
 def binomial_t(l, s):
-  """t(l, s) from DESIGN.md fact 3, written out independently of the library."""
+  """t(l, s) from docs/facts.md, fact 3, written out independently of the library."""
   r = 0
   while math.comb(s + r, s) < l:
     r += 1
@@ -126,7 +126,7 @@ def lc(a, k, w, f):
 
 def test_budget_recomputes_nothing_when_plain_fits_and_names_the_smallest_budget():
   c = [lc(1000, 1000, 500, 1e6)] * 8
-  plain = make_plan(Segment(0, 8), c, 8, "plain")
+  plain = Plan.from_tree(Segment(0, 8), c, segmenter="plain")
   p = S.budget(plain.predicted_peak_bytes).plan(c)
   assert p.recomputed_evaluations == 0 and p.predicted_peak_bytes == plain.predicted_peak_bytes
   tight = S.budget(plain.predicted_peak_bytes // 2).plan(c)
@@ -162,7 +162,7 @@ def all_trees(i, j, free, dead):
 def test_budget_dp_matches_brute_force(layers, frac):
   c = tuple(lc(a * 100, k * 100, w * 100, f * 1e6) for a, k, w, f in layers)
   n = len(c)
-  plans = [make_plan(Segment(0, n, tuple(t)), c, n, "") for t in all_trees(0, n, True, False)]
+  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, segmenter="") for t in all_trees(0, n, True, False)]
   lo = min(p.predicted_peak_bytes for p in plans)
   hi = max(p.predicted_peak_bytes for p in plans)
   b = int(lo + frac * (hi - lo))

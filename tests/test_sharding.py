@@ -117,8 +117,7 @@ def test_sharded_gradients_equal_single_device(kind, config):
 def test_recomputation_survives_partitioning(kind):
   """Each device runs every forward matmul twice with checkpointing, once without."""
   ws, x = sharded_args(kind)
-  fwd = lambda cfg: remat.profile(sharded_step(kind, cfg), ws, x).count_dots(
-      lhs_contracting=(1,), rhs_contracting=(0,))
+  fwd = lambda cfg: remat.profile(sharded_step(kind, cfg), ws, x).forward_dots()
   assert fwd("plain") == 2 * DEPTH
   assert fwd("checkpoint") == 4 * DEPTH
   assert fwd("offload") == 4 * DEPTH

@@ -180,7 +180,7 @@ def test_policy_saves_named_values_and_recomputes_the_rest(policy_name):
   # A saved dot is not recomputed: the compiled backward holds no second x @ w["a"].
   def fwd_dots(f):
     step = jax.value_and_grad(lambda x: f(w, x).sum())
-    return remat.profile(step, x).count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+    return remat.profile(step, x).forward_dots()
 
   # Two dots forward; without a policy both are recomputed, with dots_saveable
   # none, with the name policy only the unnamed second one.
@@ -300,14 +300,14 @@ def test_chain_memory_matches_jax_checkpoint_and_beats_plain():
 
 def test_chain_recomputes_each_layer_exactly_once():
   p = _chain_profiles()
-  fwd = lambda prof: prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+  fwd = lambda prof: prof.forward_dots()
   assert fwd(p["plain"]) == DEPTH
   assert fwd(p["remat"]) == 2 * DEPTH
   assert fwd(p["jax"]) == 2 * DEPTH
 
 
 def test_without_the_compiler_option_cpu_undoes_remat():
-  """Documents DESIGN.md fact 1: the reason remat.jit exists."""
+  """Documents docs/facts.md, fact 1: the reason remat.jit exists."""
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-specific")
   ws = [jnp.zeros((WIDTH, WIDTH))] * DEPTH

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
@@ -55,10 +54,21 @@ def parse_segmenter(text: str, budget_bytes: int | None = None):
       f"unknown segmenter {text!r}; use sqrt, none, every:K, multilevel:L, revolve:S or budget:SIZE.")
 
 
-def _chain_args(p: argparse.ArgumentParser, *, depth: bool = True):
-  from remat._src import chains
+def _bench(module: str):
+  """A module of the repository's benchmark package, which the remat wheel does not ship."""
+  import importlib
 
-  p.add_argument("--model", choices=chains.MODELS, default="transformer",
+  try:
+    return importlib.import_module(f"remat_bench.{module}")
+  except ImportError as e:
+    raise SystemExit(
+        f"remat: error: the reference models and the trade-off measurement live in the repository's "
+        f"benchmark package `remat_bench`, which is not installed ({e}). From a clone of remat: "
+        "`pip install -e . -e bench`.") from None
+
+
+def _chain_args(p: argparse.ArgumentParser, *, depth: bool = True):
+  p.add_argument("--model", choices=("mlp", "transformer"), default="transformer",
                  help="reference chain: tanh(x @ w) layers or transformer blocks (default: transformer)")
   if depth:
     p.add_argument("--depth", type=int, default=12, help="number of layers/blocks (default 12)")
@@ -69,8 +79,7 @@ def _chain_args(p: argparse.ArgumentParser, *, depth: bool = True):
 
 
 def _chain(args, depth):
-  from remat._src import chains
-
+  chains = _bench("chains")
   batch = args.batch or (512 if args.model == "mlp" else 8)
   return chains.Chain(model=args.model, depth=depth, width=args.width, batch=batch,
                       seq_len=args.seq_len, heads=args.heads)
@@ -98,20 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Compile and run every method (standard, forward_only, no_storage, "
                      "checkpoint_sqrt, multilevel, revolve, budget, offload) on a reference chain "
                      "for a sweep of depths; print the founding table with measured numbers, write "
-                     "tradeoff.csv and plots.")
-  _chain_args(c, depth=False)
-  c.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16], help="depths (default 4 8 16)")
-  c.add_argument("--methods", nargs="+", default=None, help="subset of methods (default all)")
-  c.add_argument("--rounds", type=int, default=3, help="timed rounds per method; 0 skips timing")
-  c.add_argument("--out", default=None, help="directory for tradeoff.csv and plots (default: none)")
-  c.add_argument("--no-progress", action="store_true")
+                     "tradeoff.csv and plots (the same code as experiments/tradeoff.py; needs the "
+                     "repository's benchmark package: pip install -e . -e bench). "
+                     "`remat compare --help` lists its options.")
+  del c  # its arguments are parsed by remat_bench.tradeoff (see `main`)
   return ap
 
 
 def cmd_plan(args) -> int:
   import jax
 
-  from remat._src import chains, profile, sequential, tradeoff
+  from remat._src import profile, sequential
+
+  chains, tradeoff = _bench("chains"), _bench("tradeoff")
 
   try:
     if args.budget is not None and not args.segmenter.startswith("budget"):
@@ -126,12 +134,12 @@ def cmd_plan(args) -> int:
   specs = chain.specs()
   bar = tradeoff.make_progress(3, not args.no_progress)
   bar.set_description("plain backprop")
-  plain = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.loss_of(chain.chain_fn()(ps, x, k))),
+  plain = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.mean_square(chain.chain_fn()(ps, x, k))),
                           *specs)
   bar.update(1)
   bar.set_description(f"planning {seg!r}")
   try:
-    plan = sequential.plan_for_chain(chain.layers, seg, *specs, compile=True)
+    plan = sequential.chain_plan(chain.layers, seg, *specs, compile=True)
   except ValueError as e:
     bar.close()
     print(f"remat plan: {e}", file=sys.stderr)
@@ -139,7 +147,7 @@ def cmd_plan(args) -> int:
   bar.update(1)
   bar.set_description("compiling the plan")
   apply = sequential.sequential(chain.layers, plan)
-  planned = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.loss_of(apply(ps, x, k))), *specs)
+  planned = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.mean_square(apply(ps, x, k))), *specs)
   bar.update(1)
   bar.close()
   act = chain.activation_bytes
@@ -162,33 +170,13 @@ def cmd_plan(args) -> int:
   return 0
 
 
-def cmd_compare(args) -> int:
-  from remat._src import tradeoff
-
-  methods = args.methods or list(tradeoff.METHODS)
-  bad = [m for m in methods if m not in tradeoff.METHODS]
-  if bad:
-    print(f"remat compare: error: unknown method(s) {bad}; choose from {', '.join(tradeoff.METHODS)}.",
-          file=sys.stderr)
-    return 2
-  methods = list(dict.fromkeys(["standard"] + methods))
-  sweep = [_chain(args, d) for d in args.depths]
-  rows = tradeoff.measure(sweep, methods, rounds=args.rounds, progress=not args.no_progress)
-  print("\n" + tradeoff.founding_table(rows, sweep[0].activation_bytes))
-  claims = tradeoff.check_claims(rows)
-  if claims:
-    print("\nClaims of the founding notes:")
-    for text, ok in claims:
-      print(f"  [{'holds' if ok else 'DOES NOT HOLD'}] {text}")
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "tradeoff.csv")
-    tradeoff.write_csv(rows, path)
-    paths = tradeoff.plot(rows, args.out, sweep[0].activation_bytes)
-    print(f"\nwrote {path}, {', '.join(paths)}")
-  return 0
+def cmd_compare(argv) -> int:
+  return _bench("tradeoff").main(argv, prog="remat compare")
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["compare"]:
+    return cmd_compare(argv[1:])
   args = build_parser().parse_args(argv)
-  return {"plan": cmd_plan, "compare": cmd_compare}[args.command](args)
+  return {"plan": cmd_plan}[args.command](args)

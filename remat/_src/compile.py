@@ -9,7 +9,7 @@ import jax
 
 # XLA:CPU runs `cse_barrier_expander`, which deletes optimization barriers;
 # CSE and scheduling then move the recomputation back into the forward pass
-# and a checkpointed program uses as much memory as a plain one (DESIGN.md,
+# and a checkpointed program uses as much memory as a plain one (docs/facts.md,
 # fact 1). GPU and TPU keep their barriers.
 _NEEDS_BARRIER_OPTION = {"cpu": {"xla_disable_hlo_passes": "cse_barrier_expander"}}
 

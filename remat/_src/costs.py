@@ -1,7 +1,7 @@
 """Per-layer costs measured from XLA: boundary bytes, kept bytes, transient bytes, flops.
 
 Residual sizes read from the jaxpr mislead (XLA fuses elementwise chains and
-drops duplicated values; DESIGN.md fact 7). Each *distinct* layer (same
+drops duplicated values; docs/facts.md, fact 7). Each *distinct* layer (same
 computation, same shapes) is calibrated with small compiles of its training
 step, compiled as ``remat.jit`` would, in the regime where taped layers live
 in a plan (recomputed inside a checkpoint's backward pass):
@@ -27,11 +27,18 @@ import jax
 import jax.numpy as jnp
 
 from remat._src import profile as profile_lib
-from remat._src import plan as plan_lib
+from remat._src import rng as rng_lib
 from remat._src import transform
-from remat._src.plan import LayerCost, layer_callers, tree_bytes
+from remat._src.execute import layer_callers
+from remat._src.plan import LayerCost
 
 _CACHE: dict[Any, tuple[int, int, float, float, int]] = {}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, "dtype") and hasattr(x, "size"))
 
 
 def spec(tree):
@@ -43,17 +50,17 @@ def spec(tree):
   return jax.tree_util.tree_map(one, tree)
 
 
-def loss_of(y):
+def reference_loss(y):
   """Sum of every float leaf of ``y`` (a scalar to differentiate)."""
   leaves = [jnp.sum(a.astype(jnp.float32)) for a in jax.tree_util.tree_leaves(y)
             if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
   return functools.reduce(jnp.add, leaves, jnp.float32(0))
 
 
-def step_of(fn: Callable) -> Callable:
+def reference_step(fn: Callable) -> Callable:
   """The reference training step whose temp memory plans predict and budgets bound.
 
-  ``jax.value_and_grad`` of ``loss_of(fn(params, x, key))`` with respect to
+  ``jax.value_and_grad`` of ``reference_loss(fn(params, x, key))`` with respect to
   ``params`` and ``x``; it returns the loss, the parameter gradients and only
   the *sum* of the input gradient. The input gradient is thus computed but
   lives in temp memory, as for a chain inside a larger model (returned as an
@@ -64,8 +71,8 @@ def step_of(fn: Callable) -> Callable:
   schedule.
   """
   def step(params, x, key):
-    loss, (gp, gx) = jax.value_and_grad(lambda p, x: loss_of(fn(p, x, key)), argnums=(0, 1))(params, x)
-    return loss, gp, loss_of(gx)
+    loss, (gp, gx) = jax.value_and_grad(lambda p, x: reference_loss(fn(p, x, key)), argnums=(0, 1))(params, x)
+    return loss, gp, reference_loss(gx)
   return step
 
 
@@ -113,6 +120,15 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
   return tuple(out)
 
 
+def chain_key(layers, p_spec, x_spec, key_spec) -> tuple[str, ...]:
+  """Identifies a chain at these shapes: the jaxpr text of each layer."""
+  ids = []
+  for f, p in zip(layer_callers(layers), p_spec, strict=True):
+    ids.append(layer_cache_key(f, p, x_spec, key_spec))
+    x_spec = jax.eval_shape(f, p, x_spec, key_spec)
+  return tuple(ids)
+
+
 def _same_structure(a, b) -> bool:
   la, ta = jax.tree_util.tree_flatten(a)
   lb, tb = jax.tree_util.tree_flatten(b)
@@ -132,19 +148,19 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
   # inside a checkpoint's backward pass.
   # Each copy draws its own key, as layers of a chain do (one key for both
   # would let XLA share their random bits and under-count what a layer keeps).
-  one = profile_lib.profile(step_of(transform.checkpoint(
-      lambda p, x, k: f(p, x, plan_lib.layer_keys(k, 0)))), p_spec, x_spec, key_spec)
+  one = profile_lib.profile(reference_step(transform.checkpoint(
+      lambda p, x, k: f(p, x, rng_lib.layer_key(k, 0)))), p_spec, x_spec, key_spec)
   fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
   if _same_structure(x_spec, y_spec):
     # Two layers with their own parameters: each keeps its own gradient buffer.
     twice = transform.checkpoint(
-        lambda ps, x, k: f(ps[1], f(ps[0], x, plan_lib.layer_keys(k, 0)), plan_lib.layer_keys(k, 1)))
-    two = profile_lib.profile(step_of(twice), (p_spec, p_spec), x_spec, key_spec)
+        lambda ps, x, k: f(ps[1], f(ps[0], x, rng_lib.layer_key(k, 0)), rng_lib.layer_key(k, 1)))
+    two = profile_lib.profile(reference_step(twice), (p_spec, p_spec), x_spec, key_spec)
     kept = max(two.temp_bytes - one.temp_bytes, 0)
   else:
     # A layer that changes the activation's shape cannot be repeated: estimate
     # what it keeps as its output plus the non-argument residuals jax lists.
-    res = profile_lib.saved_residuals(lambda p, x: loss_of(f(p, x, key_spec)), p_spec, x_spec)
+    res = profile_lib.saved_residuals(lambda p, x: reference_loss(f(p, x, key_spec)), p_spec, x_spec)
     kept = tree_bytes(y_spec) + sum(r.bytes for r in res if "argument" not in r.source)
     kept = min(kept, one.temp_bytes)
   transient = max(one.temp_bytes - kept, 0)

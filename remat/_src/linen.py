@@ -36,6 +36,7 @@ from flax.core import lift
 from flax.linen import transforms as linen_transforms
 
 from remat._src import adapter_util
+from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
 
 _API = "`remat.linen.checkpoint`"
@@ -307,14 +308,10 @@ def _own_methods(base) -> set[str]:
 
 
 def _check_static_in_range(nums, method, name):
-  try:
-    sig = inspect.signature(method)
-  except (TypeError, ValueError):
+  n = positional_arity(method)
+  if n is None:
     return
-  params = list(sig.parameters.values())
-  if any(p.kind == p.VAR_POSITIONAL for p in params):
-    return
-  n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+  sig = inspect.signature(method)
   bad = [i for i in nums if i >= n]
   if bad:
     raise ValueError(

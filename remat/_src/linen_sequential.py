@@ -23,8 +23,10 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 
-from remat._src import plan as plan_lib
+from remat._src import execute
 from remat._src import sequential as seq_lib
+from remat._src.plan import Plan
+from remat._src.segmenters import check_segmenter
 
 _API = "`remat.linen.Sequential`"
 
@@ -71,14 +73,8 @@ class Sequential(nn.Module):
   def __post_init__(self):
     if not isinstance(self.layers, (list, tuple)) or not self.layers:
       raise ValueError(f"{_API} needs a non-empty list of layers, but got {self.layers!r}.")
-    if self.segmenter is not None and not (isinstance(self.segmenter, plan_lib.Plan)
-                                           or callable(getattr(self.segmenter, "plan", None))):
-      raise TypeError(
-          f"the `segmenter` of {_API} must be a segmenter such as `remat.segmenters.sqrt()`, a "
-          f"`remat.Plan` or None, but got {self.segmenter!r}.")
-    if isinstance(self.segmenter, plan_lib.Plan) and self.segmenter.num_layers != len(self.layers):
-      raise ValueError(f"{_API}: the plan is for {self.segmenter.num_layers} layers but there are "
-                       f"{len(self.layers)}; make the plan with `segmenter.plan({len(self.layers)})`.")
+    if self.segmenter is not None:
+      check_segmenter(self.segmenter, f"the `segmenter` of {_API}", len(self.layers))
     super().__post_init__()
 
   def __call__(self, x, *args, **kwargs):
@@ -90,18 +86,17 @@ class Sequential(nn.Module):
     fns, variables = self._layer_functions(args, kwargs)
     keys = self._keys()
     plan = self._plan(fns, variables, x, keys)
-    return plan_lib.apply_plan(plan, fns, variables, x, keys)
+    return execute.apply_plan(plan, fns, variables, x, keys)
 
-  def plan_for(self, x, *args, **kwargs) -> plan_lib.Plan:
+  def plan_for(self, x, *args, **kwargs) -> Plan:
     """The plan used for input ``x`` (``model.apply(v, x, method="plan_for")``)."""
     fns, variables = self._layer_functions(args, kwargs)
     return self._plan(fns, variables, x, self._keys())
 
-  def _plan(self, fns, variables, x, keys) -> plan_lib.Plan:
-    n = len(self.layers)
+  def _plan(self, fns, variables, x, keys) -> Plan:
     if self.segmenter is None:
-      return plan_lib.make_plan(plan_lib.Segment(0, n), None, n, "plain")
-    return seq_lib.plan_for_chain(fns, self.segmenter, variables, x, keys)
+      return seq_lib.plain_plan(len(self.layers))
+    return seq_lib.chain_plan(fns, self.segmenter, variables, x, keys)
 
   ### Helpers for measuring the layers as pure functions
 

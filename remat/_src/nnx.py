@@ -26,8 +26,9 @@ from flax.nnx.transforms import general
 from flax.nnx.transforms.transforms import resolve_kwargs
 
 from remat._src import adapter_util
+from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
-from remat._src import typing as rt
+from remat._src import types as rt
 
 _API = "`remat.nnx.checkpoint`"
 _CTXTAG = "remat"
@@ -229,14 +230,10 @@ def _check_static_argnums(static_argnums) -> tuple[int, ...]:
 
 
 def _check_static_in_range(nums, f):
-  try:
-    sig = inspect.signature(f)
-  except (TypeError, ValueError):
+  n = positional_arity(f)
+  if n is None:
     return
-  params = list(sig.parameters.values())
-  if any(p.kind == p.VAR_POSITIONAL for p in params):
-    return
-  n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+  sig = inspect.signature(f)
   bad = [i for i in nums if not -n <= i < n]
   if bad:
     raise ValueError(

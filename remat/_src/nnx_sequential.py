@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from remat._src import execute
 from remat._src import nnx as nnx_lib
-from remat._src import plan as plan_lib
-from remat._src import segmenters as seg_lib
 from remat._src import sequential as seq_lib
+from remat._src.plan import Plan
+from remat._src.segmenters import check_segmenter
 
 _API = "`remat.nnx.Sequential`"
 
@@ -51,29 +52,22 @@ class Sequential(nnx.Sequential):
   def __init__(self, *fns: Callable[..., Any], segmenter: Any = None):
     if not fns:
       raise ValueError(f"{_API} needs at least one layer, but got none.")
-    if segmenter is not None and not (isinstance(segmenter, plan_lib.Plan)
-                                      or callable(getattr(segmenter, "plan", None))):
-      raise TypeError(
-          f"the `segmenter` of {_API} must be a segmenter such as `remat.segmenters.sqrt()`, a "
-          f"`remat.Plan` or None, but got {segmenter!r}.")
-    if isinstance(segmenter, plan_lib.Plan) and segmenter.num_layers != len(fns):
-      raise ValueError(f"{_API}: the plan is for {segmenter.num_layers} layers but there are "
-                       f"{len(fns)}; make the plan with `segmenter.plan({len(fns)})`.")
+    if segmenter is not None:
+      check_segmenter(segmenter, f"the `segmenter` of {_API}", len(fns))
     super().__init__(*fns)
     self.segmenter = segmenter
 
-  def plan_for(self, x, *args, **kwargs) -> plan_lib.Plan:
+  def plan_for(self, x, *args, **kwargs) -> Plan:
     """The plan used for input ``x``."""
-    n = len(self.layers)
     seg = self.segmenter
     if seg is None:
-      return plan_lib.make_plan(plan_lib.Segment(0, n), None, n, "plain")
-    if isinstance(seg, plan_lib.Plan):
+      return seq_lib.plain_plan(len(self.layers))
+    if isinstance(seg, Plan):
       return seg
-    if not isinstance(seg, seg_lib.budget):
-      return seg.plan(n)
+    if not seg.needs_costs:
+      return seg.plan(len(self.layers))
     fns, states = [], []
-    for layer in self.layers:
+    for layer in self.layers:  # pure functions of the layers' state, for measuring
       if isinstance(layer, nnx.Module):
         gd, st = nnx.split(layer)
         states.append(st)
@@ -81,24 +75,15 @@ class Sequential(nnx.Sequential):
       else:
         states.append(())
         fns.append(lambda s, x, key, f=layer: f(x, *args, **kwargs))
-    return seq_lib.plan_for_chain(fns, seg, states, x, None)
+    return seq_lib.chain_plan(fns, seg, states, x, None)
 
   def __call__(self, x, *args, **kwargs):
     plan = self.plan_for(x, *args, **kwargs)
-    layers = list(self.layers)
+    run_layer = lambda i, layer, x: layer(x, *args, **kwargs)  # noqa: E731
+    run = execute.build(plan.root, run_layer, _checkpoint_segment)
+    return run(list(self.layers), x)
 
-    def run(seg, mods, x):
-      if seg.children:
-        for c in seg.children:
-          sub = mods[c.start - seg.start:c.stop - seg.start]
-          if c.checkpoint:
-            x = nnx_lib.checkpoint(lambda m, x, c=c: run(c, m, x),
-                                   offload=plan_lib.OFFLOAD_INPUT if c.offload else None)(sub, x)
-          else:
-            x = run(c, sub, x)
-        return x
-      for f in mods:
-        x = f(x, *args, **kwargs)
-      return x
 
-    return run(plan.root, layers, x)
+def _checkpoint_segment(fn, offload: bool):
+  """A checkpointed segment's ``fn(modules, x)`` through ``remat.nnx.checkpoint``."""
+  return nnx_lib.checkpoint(fn, offload=execute.OFFLOAD_INPUT if offload else None)

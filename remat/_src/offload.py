@@ -11,13 +11,12 @@ its activation inputs (``policy=None``) or the intermediates a jax policy saves.
 a sharded model stay sharded (each device offloads its own shard).
 
 XLA:CPU accepts memory-kind placements but executes no move (its lowering drops
-them: DESIGN.md, fact 5); :func:`supported` says so and the policy warns once.
+them: docs/facts.md, fact 5); :func:`supported` says so and the policy warns once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Sequence
 
@@ -25,28 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from remat._src.hostlink import DEFAULT_LATENCY_S, HostLink, platform
+
 _HOST = jax.memory.Space.Host
 _DEVICE = jax.memory.Space.Device
 _API = "`remat.offload.host`"
 
-# One-direction host<->device bandwidth in bytes/s (pinned memory), by backend.
-# Rough, documented assumptions for planning; measure yours and pass `bandwidth=`.
-#   gpu: PCIe 5.0 x16 (H100/H200 class hosts) moves about 50 GB/s per direction
-#        with pinned buffers (PCIe 4.0 hosts: about 25 GB/s; NVLink-C2C much more).
-#   tpu: a PCIe 4.0 x16-class host link per chip, about 25 GB/s.
-#   cpu: nothing moves (see `supported`); a memcpy-class figure for modelling only.
-DEFAULT_BANDWIDTH: dict[str, float] = {"gpu": 50e9, "tpu": 25e9, "cpu": 10e9}
-# Sustained compute rate in flop/s assumed when a planner asks how long the
-# compute is that a transfer can hide behind (rough: a float32/TF32 matmul mix).
-#   gpu: H100/H200 class; tpu: v5e class; cpu: a few cores.
-DEFAULT_COMPUTE_RATE: dict[str, float] = {"gpu": 2e14, "tpu": 2e14, "cpu": 1e11}
-# Fixed cost of one transfer (DMA setup and synchronisation), in seconds.
-DEFAULT_LATENCY_S = 10e-6
 # Below this size a move costs more in fixed latency than it frees: at 50 GB/s
 # 64 KiB take 1.3 µs, a fraction of the ~10 µs fixed cost of a transfer.
 DEFAULT_MIN_BYTES = 1 << 16
-
-_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
 class OffloadNotExecutedWarning(UserWarning):
@@ -85,14 +71,14 @@ def supported(device: jax.Device | str | None = None) -> bool:
     True
   """
   if isinstance(device, str):
-    return _platform(device) in ("gpu", "tpu")
+    return platform(device) in ("gpu", "tpu")
   if device is None:
     device = jax.devices()[0]
   if not isinstance(device, jax.Device):
     raise TypeError(
         f"`remat.offload.supported` expects a `jax.Device`, a platform name or None, "
         f"but got {device!r} of type {type(device).__name__}.")
-  if _platform(device.platform) not in ("gpu", "tpu"):
+  if platform(device.platform) not in ("gpu", "tpu"):
     return False
   try:
     kinds = {m.kind for m in device.addressable_memories()}
@@ -136,87 +122,17 @@ class HostOffload:
           f"the `min_bytes` argument to {_API} must be a non-negative int, but got "
           f"{self.min_bytes!r}. Use 0 to move every residual.")
     object.__setattr__(self, "min_bytes", int(self.min_bytes))
-    if self.bandwidth is not None:
-      if not _is_real(self.bandwidth) or not math.isfinite(self.bandwidth) or self.bandwidth <= 0:
-        raise ValueError(
-            f"the `bandwidth` argument to {_API} must be None or a positive, finite "
-            f"number of bytes per second, but got {self.bandwidth!r}, e.g. "
-            "`bandwidth=25e9` for a PCIe 4.0 x16 link.")
-      object.__setattr__(self, "bandwidth", float(self.bandwidth))
-    if not _is_real(self.latency) or not math.isfinite(self.latency) or self.latency < 0:
-      raise ValueError(
-          f"the `latency` argument to {_API} must be a non-negative number of "
-          f"seconds, but got {self.latency!r}.")
-    object.__setattr__(self, "latency", float(self.latency))
+    try:
+      link = HostLink(self.bandwidth, self.latency)  # validates both
+    except ValueError as e:
+      raise ValueError(str(e).replace("`remat.offload.HostLink`", _API)) from None
+    object.__setattr__(self, "bandwidth", link.bandwidth)
+    object.__setattr__(self, "latency", link.latency)
 
-  # -- Cost model, for planners --------------------------------------------
-
-  def link_bandwidth(self, backend: str | None = None) -> float:
-    """The assumed one-direction host link bandwidth in bytes/s on ``backend``.
-
-    Args:
-      backend: a platform name; default ``jax.default_backend()``.
-
-    Returns:
-      ``bandwidth`` if set, else ``DEFAULT_BANDWIDTH`` for the platform.
-
-    Example:
-
-      >>> import remat
-      >>> remat.offload.host().link_bandwidth("cuda")
-      50000000000.0
-    """
-    if self.bandwidth is not None:
-      return self.bandwidth
-    return DEFAULT_BANDWIDTH.get(_platform(backend or jax.default_backend()), DEFAULT_BANDWIDTH["gpu"])
-
-  def transfer_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
-    """Assumed time to move ``nbytes`` one way (device to host, or back).
-
-    Args:
-      nbytes: bytes to move.
-      backend: platform whose default bandwidth applies when ``bandwidth`` is
-        unset; default ``jax.default_backend()``.
-
-    Returns:
-      ``latency + nbytes / bandwidth`` seconds (0 for ``nbytes <= 0``). A
-      training step pays it twice per value: use :meth:`round_trip_seconds`.
-
-    Example:
-
-      >>> import remat
-      >>> remat.offload.host(bandwidth=1e9, latency=0.0).transfer_seconds(5e8)
-      0.5
-    """
-    if nbytes <= 0:
-      return 0.0
-    return self.latency + float(nbytes) / self.link_bandwidth(backend)
-
-  def compute_seconds(self, flops: float, *, backend: str | None = None) -> float:
-    """Assumed time of ``flops`` of compute on ``backend`` (``DEFAULT_COMPUTE_RATE``).
-
-    A planner compares it with :meth:`transfer_seconds` to see how much of a
-    transfer hides behind the compute that runs meanwhile.
-
-    Example:
-
-      >>> import remat
-      >>> remat.offload.host().compute_seconds(2e14, backend="gpu")
-      1.0
-    """
-    rate = DEFAULT_COMPUTE_RATE.get(_platform(backend or jax.default_backend()), DEFAULT_COMPUTE_RATE["gpu"])
-    return float(flops) / rate
-
-  def round_trip_seconds(self, nbytes: int, *, backend: str | None = None) -> float:
-    """Time to move ``nbytes`` to host in the forward pass and back in the backward.
-
-    Example:
-
-      >>> import remat
-      >>> remat.offload.host(bandwidth=1e9, latency=0.0).round_trip_seconds(5e8)
-      1.0
-    """
-    return 2.0 * self.transfer_seconds(nbytes, backend=backend)
+  @property
+  def link(self) -> HostLink:
+    """The :class:`HostLink` (bandwidth, latency) a planner assumes for this policy."""
+    return HostLink(bandwidth=self.bandwidth, latency=self.latency)
 
   def worth_moving(self, nbytes: int) -> bool:
     """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``).
@@ -357,7 +273,7 @@ def host(*, argnums: int | Sequence[int] | None = None, exclude_argnums: int | S
       device (default 64 KiB; 0 moves everything). Sizes are global (before
       sharding): inside ``jit`` the per-device shard size is not known.
     bandwidth: one-direction host link bandwidth in bytes/s assumed by
-      :meth:`HostOffload.transfer_seconds`; ``None`` uses a per-backend default
+      the planner (:class:`HostLink`); ``None`` uses a per-backend default
       (gpu 50e9, tpu 25e9, cpu 10e9).
     latency: fixed cost of one transfer in seconds, for the same cost model.
 
@@ -435,17 +351,8 @@ def _positions(value, name: str, fix: str) -> tuple[int, ...]:
   return tuple(sorted({int(i) for i in nums}))
 
 
-def _platform(name: str) -> str:
-  name = name.lower()
-  return _PLATFORM_ALIASES.get(name, name)
-
-
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _movable(x) -> bool:
@@ -466,12 +373,12 @@ def _warn_if_not_executed(count: int, nbytes: int) -> None:
     device = jax.devices()[0]
   except RuntimeError:
     return
-  platform = _platform(device.platform)
-  if supported(device) or platform in _WARNED:
+  name = platform(device.platform)
+  if supported(device) or name in _WARNED:
     return
-  _WARNED.add(platform)
+  _WARNED.add(name)
   warnings.warn(
-      f"{_API}: the {platform!r} backend does not execute memory-kind moves. XLA:{platform.upper()} "
+      f"{_API}: the {name!r} backend does not execute memory-kind moves. XLA:{name.upper()} "
       f"accepts the `pinned_host` placements but drops them, so the {count} residual(s) "
       f"({nbytes:,} bytes in this trace) marked for offload stay in device memory. Results are "
       "exact; device memory is not reduced. On GPU and TPU they move to host memory "

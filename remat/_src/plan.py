@@ -1,4 +1,4 @@
-"""``Plan``: a checkpointing schedule as data, its predicted cost, and how to apply it.
+"""``Plan``: a checkpointing schedule as data, and its predicted cost (numpy-free, jax-free).
 
 A plan is a tree of :class:`Segment`s over a chain of ``num_layers`` layers.
 A segment covers the layers ``[start, stop)``. It either runs its layers
@@ -34,19 +34,14 @@ Cost model (the definitions every number of a plan follows):
   argument, or the input of an enclosing checkpoint); a forward pass without
   tape holds a layer's input and output. ``predicted_peak_bytes`` is the peak
   of that simulation: a prediction of ``remat.profile(step).temp_bytes``.
+
+Executing a plan (nested ``remat.checkpoint``s, keys, scans) is ``execute.py``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable, Sequence
-
-import jax
-
-from remat._src import offload as offload_lib
-from remat._src import rng as rng_lib
-from remat._src import transform
+from typing import Callable, Hashable, Sequence
 
 ### Data
 
@@ -101,16 +96,16 @@ class Segment:
 
   def __post_init__(self):
     if not 0 <= self.start < self.stop:
-      raise ValueError(f"a `remat.Segment` needs 0 <= start < stop, but got [{self.start}, {self.stop}).")
+      raise ValueError(f"a `remat.segmenters.Segment` needs 0 <= start < stop, but got [{self.start}, {self.stop}).")
     if self.offload and not self.checkpoint:
-      raise ValueError(f"`remat.Segment` [{self.start}, {self.stop}): only a checkpointed segment's "
+      raise ValueError(f"`remat.segmenters.Segment` [{self.start}, {self.stop}): only a checkpointed segment's "
                        "stored input can be offloaded; pass `checkpoint=True` with `offload=True`.")
     if self.children:
       edges = [self.start] + [c.stop for c in self.children]
       starts = [c.start for c in self.children]
       if starts != edges[:-1] or edges[-1] != self.stop:
         raise ValueError(
-            f"the children of `remat.Segment` [{self.start}, {self.stop}) must tile it in order, "
+            f"the children of `remat.segmenters.Segment` [{self.start}, {self.stop}) must tile it in order, "
             f"but got {[(c.start, c.stop) for c in self.children]}.")
 
   @property
@@ -163,6 +158,20 @@ class Plan:
   layer_evaluations: tuple[int, ...] = dataclasses.field(default=(), repr=False)
   offloaded_bytes: int = 0
 
+  @classmethod
+  def from_tree(cls, root: Segment, costs: Sequence[LayerCost] | None = None, *,
+                segmenter: str = "custom") -> Plan:
+    """The plan of a hand-made segment tree, evaluated under the cost model.
+
+    Example:
+
+      >>> from remat.segmenters import Plan, Segment
+      >>> two = (Segment(0, 2, checkpoint=True), Segment(2, 4, checkpoint=True))
+      >>> Plan.from_tree(Segment(0, 4, two)).forward_evaluations
+      8
+    """
+    return make_plan(root, costs, root.stop, segmenter)
+
   @property
   def recomputed_evaluations(self) -> int:
     """Forward evaluations beyond the ``num_layers`` of plain backprop."""
@@ -180,6 +189,21 @@ class Plan:
     if self.offloaded_bytes:
       head += f", {_mib(self.offloaded_bytes)} offloaded to host"
     return "\n".join([head] + self.root.lines(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verifier:
+  """How a segmenter can check a plan against the compiler (given by ``remat.sequential``).
+
+  Attributes:
+    key: identifies the chain at its shapes (the layers' jaxprs, shardings);
+      verified plans are cached under it.
+    temp_bytes: ``temp_bytes(plan)`` compiles the chain's reference step under
+      ``plan`` and returns its per-device temp bytes.
+  """
+
+  key: Hashable
+  temp_bytes: Callable[[Plan], int] = dataclasses.field(compare=False)
 
 
 def _mib(b) -> str:
@@ -326,98 +350,3 @@ class _Simulator:
       self._drop_state(i)
 
 
-### Applying a plan
-
-
-def _takes_key(fn) -> bool:
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  n = 0
-  for p in sig.parameters.values():
-    if p.kind == p.VAR_POSITIONAL:
-      return True
-    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-      n += 1
-  return n >= 3
-
-
-def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
-  """``(p, x, key) -> y`` for every layer, whether or not it takes a key."""
-  out = []
-  for f in layers:
-    if _takes_key(f):
-      out.append(f)
-    else:
-      out.append(lambda p, x, key, f=f: f(p, x))
-  return out
-
-
-def build(seg: Segment, callers: Sequence[Callable]) -> Callable:
-  """The function ``(params_slice, x, keys_slice) -> y`` of a segment."""
-  if seg.children:
-    parts = [(c, build(c, callers)) for c in seg.children]
-
-    def run(ps, x, ks):
-      for c, f in parts:
-        a, b = c.start - seg.start, c.stop - seg.start
-        x = f(ps[a:b], x, ks[a:b])
-      return x
-  else:
-    def run(ps, x, ks):
-      for i in range(seg.start, seg.stop):
-        x = call_tied(callers[i], ps[i - seg.start], x, ks[i - seg.start])
-      return x
-  run.__name__ = f"segment_{seg.start}_{seg.stop}"
-  if seg.checkpoint:
-    return transform.checkpoint(run, offload=OFFLOAD_INPUT if seg.offload else None)
-  return run
-
-
-# The stored input of an offloaded segment: argument 1 of ``run(ps, x, ks)``.
-OFFLOAD_INPUT = offload_lib.host(argnums=1, min_bytes=0)
-
-
-def layer_keys(key, i):
-  """``remat.rng.layer_key(k, i)`` for every key of a pytree of keys (``None`` stays ``None``)."""
-  return jax.tree_util.tree_map(lambda k: rng_lib.layer_key(k, i), key)
-
-
-def call_tied(f, p, x, key):
-  """``f(p, x, key)`` with the key tied to ``x`` (see ``_tie``) when there is one."""
-  if jax.tree_util.tree_leaves(key):
-    key, x = _tie(key, x)
-  return f(p, x, key)
-
-
-def _tie(key, x):
-  """Makes the layer's key available only with its input.
-
-  Random bits depend on the key alone, so XLA's scheduler may generate the
-  dropout bits of every layer at the start of the forward pass and keep them
-  all alive (measured: a checkpointed 8-block transformer at sequence length
-  256 needed 42 MiB instead of about 12). Passing the key through an
-  ``optimization_barrier`` with the layer's input keeps them where they are used.
-  """
-  from remat._src.transform import _barrier  # the key-aware barrier
-  return _barrier((key, x))
-
-
-def apply_plan(plan: Plan, layers: Sequence[Callable], params: Sequence[Any], x: Any,
-               key: Any = None) -> Any:
-  """Runs ``layers`` under ``plan``; layer ``i`` gets ``remat.rng.layer_key(key, i)``.
-
-  ``key`` may be a pytree of keys (one per stream); each is derived per layer.
-  """
-  if len(layers) != plan.num_layers or len(params) != plan.num_layers:
-    raise ValueError(
-        f"the plan is for {plan.num_layers} layers, but got {len(layers)} layers and "
-        f"{len(params)} parameter entries. Make a plan for this chain.")
-  keys = tuple(layer_keys(key, i) for i in range(plan.num_layers))
-  return build(plan.root, layer_callers(layers))(tuple(params), x, keys)
-
-
-def tree_bytes(tree) -> int:
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
-             if hasattr(x, "dtype") and hasattr(x, "size"))

@@ -42,6 +42,19 @@ class Profile:
   backend: str
   hlo: str = dataclasses.field(repr=False, compare=False, default="")
 
+  @classmethod
+  def from_compiled(cls, compiled, backend: str | None = None) -> Profile:
+    """The profile of an already compiled program (``jax.stages.Compiled``).
+
+    Example:
+
+      >>> import jax.numpy as jnp, remat
+      >>> compiled = remat.jit(lambda x: jnp.tanh(x @ x)).lower(jnp.ones((8, 8))).compile()
+      >>> remat.Profile.from_compiled(compiled).flops > 0
+      True
+    """
+    return profile_compiled(compiled, backend or jax.default_backend())
+
   @property
   def peak_bytes(self) -> int:
     """Arguments + outputs + temporaries, less aliased (donated) outputs."""
@@ -65,6 +78,17 @@ class Profile:
         continue
       n += 1
     return n
+
+  def forward_dots(self) -> int:
+    """Forward matmuls of ``x @ w`` layers (``nn.Dense`` too) in the optimized HLO.
+
+    A forward ``x @ w`` contracts the input's last axis with the weight's
+    first (``lhs_contracting_dims={1}`` or ``{2}``, ``rhs_contracting_dims={0}``);
+    its two backward matmuls contract other axes. Divided by the dots of one
+    layer, this counts layer forward evaluations, recomputations included.
+    """
+    return (self.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
+            + self.count_dots(lhs_contracting=(2,), rhs_contracting=(0,)))
 
   def count_ops(self, opcode: str) -> int:
     """Number of HLO instructions with this opcode (e.g. ``"tanh"``, ``"copy-start"``)."""

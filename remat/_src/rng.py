@@ -12,10 +12,12 @@ typed keys (``jax.random.key``) and raw ``uint32[2]`` keys (``PRNGKey``) alike.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from remat._src import typing as rt
+from remat._src import types as rt
 
 _API = "`remat.rng`"
 
@@ -66,31 +68,32 @@ def layer_keys(key: rt.PRNGKey | None, num: int) -> rt.PRNGKey | list[None]:
   return jax.random.split(key, num)
 
 
-def layer_key(key: rt.PRNGKey | None, index) -> rt.PRNGKey | None:
-  """The key of layer ``index``: ``fold_in(key, index)``; ``None`` stays ``None``.
+def layer_key(key: Any, index) -> Any:
+  """The key of layer ``index``: ``fold_in(key, index)`` for a key or every key of a pytree.
 
   Args:
-    key: a typed or raw PRNG key, or ``None``.
+    key: a typed or raw PRNG key, a pytree of keys (one per stream, e.g.
+      ``{"dropout": k}``), or ``None``.
     index: the layer index (an int or a traced integer, e.g. a scan counter).
 
   Returns:
-    A key of the same kind, or ``None``.
+    Keys of the same kind and structure; ``None`` stays ``None``.
 
   Raises:
-    TypeError: if ``key`` is not a PRNG key.
+    TypeError: if a leaf of ``key`` is not a PRNG key.
 
   Example:
 
     >>> import jax, remat
     >>> k3 = remat.rng.layer_key(jax.random.key(0), 3)
-    >>> again = remat.rng.layer_key(jax.random.key(0), 3)
+    >>> again = remat.rng.layer_key({"dropout": jax.random.key(0)}, 3)["dropout"]
     >>> bool((jax.random.key_data(k3) == jax.random.key_data(again)).all())
     True
   """
-  if key is None:
-    return None
-  _check_key(key, "layer_key")
-  return jax.random.fold_in(key, index)
+  def one(k):
+    _check_key(k, "layer_key")
+    return jax.random.fold_in(k, index)
+  return jax.tree_util.tree_map(one, key)
 
 
 def dropout(key: rt.PRNGKey, x: rt.Array, rate: float) -> rt.Array:

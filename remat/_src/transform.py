@@ -6,7 +6,7 @@ rest under ``jax.vjp``. Two details make the saving real on every backend:
 
 * the residuals *and the incoming cotangent* pass through one
   ``optimization_barrier`` before the recomputation, so the compiler cannot
-  hoist the recomputation back into the forward pass (DESIGN.md, fact 2);
+  hoist the recomputation back into the forward pass (docs/facts.md, fact 2);
 * closed-over traced values (``lambda x: f(params, x)`` under ``jax.grad``
   with respect to ``params``) are hoisted into explicit inputs with
   ``jax.closure_convert``, so they receive cotangents.
@@ -15,7 +15,6 @@ rest under ``jax.vjp``. Two details make the saving real on every backend:
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 
-from remat._src import typing as rt
+from remat._src import offload as offload_lib
+from remat._src import types as rt
+from remat._src.signature import positional_arity
 
 _API = "`remat.checkpoint`"
 
@@ -149,7 +150,6 @@ def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_det
         f"`jax.checkpoint_policies.dots_saveable`, but got {policy!r} of type "
         f"{type(policy).__name__}.")
   if offload is not None:
-    from remat._src import offload as offload_lib  # local: offload imports transform
     offload_lib.validate_offload(offload, api=_API)
   if not isinstance(prevent_cse, bool):
     raise TypeError(f"the `prevent_cse` argument to {_API} must be a bool, but got {prevent_cse!r}.")
@@ -161,28 +161,13 @@ def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_det
               prevent_cse=prevent_cse, check_determinism=check_determinism)
 
 
-def _positional_arity(fn) -> int | None:
-  """Number of positional parameters, or None when unbounded/unknown."""
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return None
-  n = 0
-  for p in sig.parameters.values():
-    if p.kind == p.VAR_POSITIONAL:
-      return None
-    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-      n += 1
-  return n
-
-
 def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, check_determinism):
   if not callable(fn):
     raise TypeError(
         f"{_API} expects a callable to wrap, but got {fn!r} of type "
         f"{type(fn).__name__}. Use it as `@remat.checkpoint` on a function or "
         "`remat.checkpoint(f, ...)` with a function `f`.")
-  arity = _positional_arity(fn)
+  arity = positional_arity(fn)
   if arity is not None:
     bad = [i for i in static_argnums if not -arity <= i < arity]
     if bad:

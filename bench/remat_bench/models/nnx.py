@@ -1,6 +1,6 @@
 """Reference models in ``flax.nnx``: an MLP chain, a decoder-only transformer LM, a CNN.
 
-The same architectures as :mod:`remat.models.linen`. Each model keeps its
+The same architectures as :mod:`remat_bench.models.linen`. Each model keeps its
 blocks in a list attribute ``blocks`` and calls every block through
 ``block_wrapper(call_block)``, where ``call_block(block, x)`` is
 ``block(x)``. Pass a function transform to checkpoint per block::

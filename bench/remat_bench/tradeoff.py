@@ -1,6 +1,6 @@
 """The founding table, measured: memory and compute of every way to backpropagate.
 
-Used by ``python -m remat compare`` and ``experiments/tradeoff.py``. Each
+``remat compare`` and ``experiments/tradeoff.py`` both run :func:`main`. Each
 method's training step (loss and gradients of a reference chain) is compiled
 with ``remat.compiler_options()`` and measured: compiled temp/peak bytes,
 flops, forward layer evaluations counted in the optimized HLO, and the median
@@ -9,6 +9,7 @@ step time of interleaved runs.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import math
@@ -21,13 +22,9 @@ from typing import Callable, Sequence
 
 import jax
 
-from remat._src import chains
-from remat._src import compile as compile_lib
-from remat._src import offload as offload_lib
-from remat._src import profile as profile_lib
-from remat._src import segmenters as seg_lib
-from remat._src import sequential as seq_lib
-from remat._src import transform
+import remat
+from remat import segmenters as seg_lib
+from remat_bench import chains
 
 METHODS = ("standard", "forward_only", "no_storage", "checkpoint_sqrt", "multilevel", "revolve",
            "budget", "offload")
@@ -73,9 +70,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 1
 def segmenter_for(method: str, chain: chains.Chain, *, revolve_slots: int = 3):
   """The segmenter of a planned method (``None`` for the others)."""
   if method == "budget":
-    p_spec, x_spec, k_spec = chain.specs()
-    sqrt_plan = seq_lib.plan_for_chain(chain.layers, seg_lib.sqrt(), p_spec, x_spec, k_spec,
-                                       compile=True)
+    sqrt_plan = remat.sequential(chain.layers, seg_lib.sqrt()).plan_for(*chain.specs(), compile=True)
     return seg_lib.budget(sqrt_plan.compiled_temp_bytes)
   return {"no_storage": seg_lib.none(), "checkpoint_sqrt": seg_lib.sqrt(),
           "multilevel": seg_lib.multilevel(2), "revolve": seg_lib.revolve(revolve_slots)}.get(method)
@@ -88,16 +83,16 @@ def step_for(method: str, chain: chains.Chain, *, revolve_slots: int = 3):
   run = chain.chain_fn()
   plan = None
   if method == "offload":
-    ck = transform.checkpoint(chain.layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                              offload=offload_lib.host(argnums=1, min_bytes=0))
+    ck = remat.checkpoint(chain.layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                          offload=remat.offload.host(argnums=1, min_bytes=0))
     run = _per_layer(ck, chain.model)
   elif method not in ("standard", "forward_only"):
-    apply = seq_lib.sequential(chain.layers, segmenter_for(method, chain, revolve_slots=revolve_slots))
+    apply = remat.sequential(chain.layers, segmenter_for(method, chain, revolve_slots=revolve_slots))
     plan = apply.plan_for(*chain.specs())
     run = apply
   if method == "forward_only":
-    return (lambda ps, x, key: chains.loss_of(run(ps, x, key))), plan
-  return jax.value_and_grad(lambda ps, x, key: chains.loss_of(run(ps, x, key))), plan
+    return (lambda ps, x, key: chains.mean_square(run(ps, x, key))), plan
+  return jax.value_and_grad(lambda ps, x, key: chains.mean_square(run(ps, x, key))), plan
 
 
 def _per_layer(f, model):
@@ -106,13 +101,6 @@ def _per_layer(f, model):
       x = f(p, x) if model == "mlp" else f(p, x, jax.random.fold_in(key, i))
     return x
   return run
-
-
-def _forward_dots(prof: profile_lib.Profile) -> int:
-  # Forward matmuls of `x @ w` / Dense layers contract the last input axis with
-  # the kernel's first; their backward matmuls contract other axes.
-  return (prof.count_dots(lhs_contracting=(1,), rhs_contracting=(0,))
-          + prof.count_dots(lhs_contracting=(2,), rhs_contracting=(0,)))
 
 
 def measure(chains_: Sequence[chains.Chain], methods: Sequence[str], *, rounds: int = 5,
@@ -124,7 +112,7 @@ def measure(chains_: Sequence[chains.Chain], methods: Sequence[str], *, rounds: 
   with warnings.catch_warnings():
     # XLA:CPU writes host placements into the program but moves nothing; the
     # backend is recorded in every row.
-    warnings.simplefilter("ignore", offload_lib.OffloadNotExecutedWarning)
+    warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
     for chain in chains_:
       params, x, key = chain.init()
       compiled, per_layer = {}, None
@@ -133,13 +121,13 @@ def measure(chains_: Sequence[chains.Chain], methods: Sequence[str], *, rounds: 
         bar.set_description(f"D={chain.depth} {method}")
         step, plan = step_for(method, chain, revolve_slots=revolve_slots)
         # One compile serves both the statistics and the timed runs.
-        fn, backend = profile_lib.compile_fn(compile_lib.jit(step), params, x, key)
-        prof = profile_lib.profile_compiled(fn, backend)
-        dots = _forward_dots(prof)
+        fn = remat.jit(step).lower(params, x, key).compile()
+        prof = remat.Profile.from_compiled(fn)
+        dots = prof.forward_dots()
         if per_layer is None:  # forward matmuls of one layer
           one = dataclasses.replace(chain, depth=1)
           ref_step, _ = step_for("forward_only", one)
-          per_layer = max(1, _forward_dots(profile_lib.profile(ref_step, *one.init())))
+          per_layer = max(1, remat.profile(ref_step, *one.init()).forward_dots())
         fwd = round(dots / per_layer)
         if plan is not None and fwd != plan.forward_evaluations:
           log(f"  note: {method} at depth {chain.depth}: the compiled HLO holds {fwd} layer "
@@ -336,3 +324,61 @@ def figures(rows: Sequence[dict], activation_bytes: int) -> list:
   fig.tight_layout()
   figs.append(fig)
   return figs
+
+
+### The command (``remat compare`` and ``experiments/tradeoff.py``)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+  """The options of ``remat compare`` / ``experiments/tradeoff.py``."""
+  ap.add_argument("--quick", action="store_true", help="small sweep (about a minute on 2 CPU cores)")
+  ap.add_argument("--out", default=None, help="directory for tradeoff.csv and the plots (default: none)")
+  ap.add_argument("--model", choices=chains.MODELS, default="mlp",
+                  help="reference chain: tanh(x @ w) layers or transformer blocks (default: mlp)")
+  ap.add_argument("--depths", type=int, nargs="+", help="default 4 8 16 32 (quick) or 4 8 16 32 64")
+  ap.add_argument("--batch", type=int, default=None, help="default 512 (mlp) or 8 (transformer)")
+  ap.add_argument("--width", type=int, default=256, help="features per layer (default 256)")
+  ap.add_argument("--seq-len", type=int, default=128, help="sequence length, transformer (default 128)")
+  ap.add_argument("--heads", type=int, default=4, help="attention heads, transformer (default 4)")
+  ap.add_argument("--rounds", type=int, default=None,
+                  help="timed rounds per method, median reported (default 3 quick, 7 full); 0 skips timing")
+  ap.add_argument("--revolve-slots", type=int, default=3, help="stored states of revolve (default 3)")
+  ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                  help="subset of methods (default all; standard is always measured)")
+  ap.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+  """Measures the sweep ``args`` describes; prints the table and claims; writes CSV and plots."""
+  depths = args.depths or ([4, 8, 16, 32] if args.quick else [4, 8, 16, 32, 64])
+  rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+  batch = args.batch or (512 if args.model == "mlp" else 8)
+  methods = list(dict.fromkeys(["standard"] + list(args.methods)))
+  sweep = [chains.Chain(model=args.model, depth=d, width=args.width, batch=batch, seq_len=args.seq_len,
+                        heads=args.heads) for d in depths]
+  rows = measure(sweep, methods, rounds=rounds, revolve_slots=args.revolve_slots,
+                 progress=not args.no_progress)
+  print("\nThe founding table, " + founding_table(rows, sweep[0].activation_bytes))
+  claims = check_claims(rows)
+  if claims:
+    print("\nClaims of the founding notes, checked against these measurements:")
+    for text, ok in claims:
+      print(f"  [{'holds' if ok else 'DOES NOT HOLD'}] {text}")
+  if rows[0]["backend"] == "cpu" and "offload" in methods:
+    print("\nNote: XLA:CPU does not execute host offload (remat.offload.supported() is False), so the "
+          "offload row keeps its values in device memory here; on a GPU/TPU they move to host "
+          "(host_temp_bytes).")
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "tradeoff.csv")
+    write_csv(rows, csv_path)
+    paths = plot(rows, args.out, sweep[0].activation_bytes)
+    print(f"\nwrote {csv_path}, {', '.join(paths)}")
+  return rows
+
+
+def main(argv=None, prog: str | None = None) -> int:
+  ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+  add_arguments(ap)
+  run(ap.parse_args(argv))
+  return 0

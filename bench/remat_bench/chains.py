@@ -5,7 +5,7 @@ with one parameter pytree per layer, the form ``remat.sequential`` applies:
 
 * ``mlp``: ``tanh(x @ w)`` layers, the chain of the founding notes;
 * ``transformer``: pre-LN transformer blocks with dropout
-  (``remat.models.linen.TransformerBlock``) on ``(batch, seq_len, width)``.
+  (``remat_bench.models.linen.TransformerBlock``) on ``(batch, seq_len, width)``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _mlp_layer(w, x):
 
 
 def _block(width, heads, rate):
-  from remat.models.linen import TransformerBlock
+  from remat_bench.models.linen import TransformerBlock
 
   return TransformerBlock(width=width, heads=heads, dropout_rate=rate)
 
@@ -128,6 +128,6 @@ def _transformer_layer(width, heads, rate) -> Callable:
   return _LAYERS[key]
 
 
-def loss_of(y) -> jax.Array:
+def mean_square(y) -> jax.Array:
   """The scalar loss the experiments differentiate: ``mean(y ** 2)``."""
   return jnp.mean(y ** 2)

@@ -29,7 +29,7 @@ def load_corpus() -> str:
 
   Example:
 
-    >>> from remat.models import data
+    >>> from remat_bench.models import data
     >>> len(data.load_corpus()) > 100_000
     True
   """
@@ -44,7 +44,7 @@ def encode(text: str) -> np.ndarray:
 
   Example:
 
-    >>> from remat.models import data
+    >>> from remat_bench.models import data
     >>> data.decode(data.encode("remat"))
     'remat'
   """
@@ -52,7 +52,7 @@ def encode(text: str) -> np.ndarray:
     return np.array([_INDEX[c] for c in text], dtype=np.int32)
   except KeyError as e:
     raise ValueError(
-        f"`remat.models.data.encode`: character {e.args[0]!r} is not in the vocabulary "
+        f"`remat_bench.models.data.encode`: character {e.args[0]!r} is not in the vocabulary "
         "(newline and printable ASCII).") from None
 
 
@@ -81,7 +81,7 @@ def lm_batches(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "tr
 
   Example:
 
-    >>> from remat.models import data
+    >>> from remat_bench.models import data
     >>> x, y = next(data.lm_batches(2, 8))
     >>> x.shape, bool((x[:, 1:] == y[:, :-1]).all())
     ((2, 8), True)
@@ -94,9 +94,9 @@ def lm_batches(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "tr
   elif split == "valid":
     part = tokens[cut:]
   else:
-    raise ValueError(f"`remat.models.data.lm_batches`: `split` must be 'train' or 'valid', got {split!r}.")
+    raise ValueError(f"`remat_bench.models.data.lm_batches`: `split` must be 'train' or 'valid', got {split!r}.")
   if len(part) <= seq_len + 1:
-    raise ValueError(f"`remat.models.data.lm_batches`: the {split} split has {len(part)} tokens, "
+    raise ValueError(f"`remat_bench.models.data.lm_batches`: the {split} split has {len(part)} tokens, "
                      f"fewer than seq_len + 1 = {seq_len + 1}.")
   rng = np.random.default_rng(seed)
   offsets = np.arange(seq_len + 1)
@@ -113,7 +113,7 @@ def image_batch(key: jax.Array, batch_size: int = 8, size: int = 16, channels: i
   Example:
 
     >>> import jax
-    >>> from remat.models import data
+    >>> from remat_bench.models import data
     >>> x, y = data.image_batch(jax.random.key(0), 4)
     >>> x.shape, y.shape
     ((4, 16, 16, 3), (4,))

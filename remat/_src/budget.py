@@ -1,0 +1,437 @@
+"""``budget(max_bytes)``: the fewest recomputed flops whose memory fits, verified by compiling.
+
+A dynamic program in the spirit of Rotor (Beaumont et al.) over nested
+segment trees chooses, head by head, to tape a layer or to checkpoint a
+segment (store its input; recompute the inside with its own optimal plan),
+minimising flops subject to the peak predicted from measured
+:class:`LayerCost` s (``plan.py`` defines the cost model). Given a
+:class:`Verifier`, the plan is compiled; if the compiled program does not fit,
+the target is corrected by the compiled number and the plan made again,
+within ``max_compiles`` compiles. Verified plans are cached per chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar, Sequence
+
+import jax
+import numpy as np
+
+from remat._src import offload as offload_lib
+from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transient, leaf, make_plan
+
+_API = "`remat.segmenters.budget`"
+# Part of a budget left free for what the caller's own step adds (a loss, other
+# arguments: a few hundred bytes measured) on top of the reference step.
+SLACK = 0.005
+_VERIFIED: dict[Any, Plan] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
+  """The plan with the fewest recomputed flops whose temp memory fits ``max_bytes``.
+
+  ``max_bytes`` bounds the compiled temp memory of the chain's reference
+  training step (``value_and_grad`` of its summed output with respect to
+  parameters and input): activations, residuals and working buffers, not
+  parameters, inputs or gradients. Through ``remat.sequential`` or the Flax
+  ``Sequential`` s the plan is made per traced shape and verified by
+  compiling it to at most 99.5% of ``max_bytes`` (the rest is left for the
+  caller's own buffers). Where plain backprop fits, it recomputes nothing.
+
+  Args:
+    max_bytes: the memory budget in bytes (a positive int).
+    offload: a ``remat.offload.host(...)`` policy, or ``None``. On a backend
+      that executes host offload (GPU, TPU) the planner may then keep a
+      checkpointed segment's input in host memory instead of recomputing
+      more, charging only the part of the transfer that cannot hide behind
+      the segment's forward compute (``HostOffload.link``).
+    max_compiles: how many candidate plans may be compiled to find one that fits.
+
+  Raises:
+    ValueError: if ``max_bytes`` or ``max_compiles`` is not a positive int.
+
+  Example:
+
+    >>> import remat
+    >>> from remat.segmenters import LayerCost
+    >>> c = [LayerCost(1000, 1000, 1000, 1000, 1e6, 3e6)] * 8
+    >>> remat.segmenters.budget(12_000).plan(c).recomputed_evaluations
+    0
+    >>> remat.segmenters.budget(6_000).plan(c).predicted_peak_bytes <= 6_000
+    True
+  """
+
+  max_bytes: int
+  offload: Any = dataclasses.field(default=None, kw_only=True)
+  max_compiles: int = dataclasses.field(default=4, kw_only=True)
+  needs_costs: ClassVar[bool] = True
+
+  def __post_init__(self):
+    _check_positive_int(self.max_bytes, "max_bytes", "budget(2**30)")
+    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=4)")
+    if self.offload is not None:
+      offload_lib.validate_offload(self.offload, api=_API)
+
+  def plan(self, costs: Sequence[LayerCost], *, verifier: Verifier | None = None,
+           target_bytes: int | None = None, backend: str | None = None) -> Plan:
+    """The cheapest :class:`Plan` whose predicted (with ``verifier``: compiled) temp fits.
+
+    Args:
+      costs: per-layer :class:`LayerCost` (``remat.segmenters.measure_costs``).
+      verifier: compile candidates with it and return the cheapest that fits.
+      target_bytes: plan for this many bytes instead of ``max_bytes``.
+      backend: the platform planned for; default ``jax.default_backend()``.
+        Decides whether offload is an option.
+
+    Raises:
+      ValueError: if ``costs`` carry no bytes, or no plan fits (the message
+        names the smallest feasible budget).
+    """
+    costs = _check_costs(costs)
+    if verifier is not None:
+      return self._verified(costs, verifier, backend)
+    target = self.max_bytes if target_bytes is None else int(target_bytes)
+    dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
+                   backend=backend)
+    smallest = int(math.ceil(dp.min_peak()))
+    if target < smallest:
+      raise ValueError(
+          f"{_API}({self.max_bytes:,}): no plan is predicted to fit {target:,} bytes; the smallest "
+          f"feasible budget for this chain is {smallest:,} bytes ({_mib(smallest)}, predicted). Raise "
+          f"`max_bytes` to at least {smallest:,}, or make the layers smaller.")
+    return make_plan(dp.solve(target), costs, len(costs), repr(self))
+
+  def _verified(self, costs: tuple[LayerCost, ...], verifier: Verifier, backend) -> Plan:
+    """Compile candidates; correct the target by each compiled number; keep the cheapest that fits."""
+    cache_key = (self, verifier.key, backend)
+    if cache_key in _VERIFIED:
+      return _VERIFIED[cache_key]
+    smallest = _BudgetDP(costs).min_peak()
+    limit = int(self.max_bytes * (1 - SLACK))
+    if limit < smallest:
+      need = int(math.ceil(smallest / (1 - SLACK)))
+      raise ValueError(
+          f"{_API}({self.max_bytes:,}): the smallest feasible budget for this chain is "
+          f"{int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted), and a budget keeps 0.5% for the "
+          f"caller's own buffers. Raise `max_bytes` to at least {need:,}, or make the layers smaller.")
+    target, tried, seen, best = limit, [], set(), None
+    for _ in range(self.max_compiles):
+      plan = self.plan(costs, target_bytes=target, backend=backend)
+      if plan.root in seen:
+        break
+      seen.add(plan.root)
+      temp = int(verifier.temp_bytes(plan))
+      tried.append((plan.forward_evaluations, plan.predicted_peak_bytes, temp))
+      fits = temp <= limit
+      if fits and (best is None or plan.predicted_flops < best.predicted_flops):
+        best = dataclasses.replace(plan, compiled_temp_bytes=temp)
+      if fits and (plan.recomputed_evaluations == 0 or temp >= 0.98 * limit):
+        break
+      # Correct the model's bias with the compiled number: aim lower after an
+      # overshoot, higher when the program came out smaller than predicted.
+      if fits:
+        target = int(target * limit / max(temp, 1))
+      else:
+        target = int(math.floor(min(target * limit / temp, plan.predicted_peak_bytes - 1)))
+        if target < smallest:
+          break
+    if best is None:
+      detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
+      need = int(math.ceil(min(t for _, _, t in tried) / (1 - SLACK)))
+      raise ValueError(
+          f"{_API}({self.max_bytes:,}): no plan found whose compiled temp memory fits {limit:,} bytes "
+          f"(the budget less 0.5% kept for the caller's own buffers) in {len(tried)} compile(s) "
+          f"({detail}). Raise `max_bytes` to at least {need:,} bytes, or `max_compiles`.")
+    _VERIFIED[cache_key] = best
+    return best
+
+
+def min_feasible_bytes(costs: Sequence[LayerCost]) -> int:
+  """The smallest predicted temp memory of any plan for ``costs`` (device only).
+
+  Example:
+
+    >>> from remat.segmenters import LayerCost, min_feasible_bytes
+    >>> min_feasible_bytes([LayerCost(1000, 1000, 1000, 1000, 1e6, 3e6)] * 8)
+    3000
+  """
+  return int(math.ceil(_BudgetDP(_check_costs(costs)).min_peak()))
+
+
+def offload_candidates(costs: Sequence[LayerCost], offload: Any, *,
+                       backend: str | None = None) -> tuple[int, ...]:
+  """The boundaries whose activation the budget planner may keep in host memory.
+
+  A boundary ``i`` (the input of layer ``i``) qualifies when an offload policy
+  is given, the backend executes host offload, ``i > 0`` (the chain input is
+  an argument, already held by the caller) and the activation is large enough
+  to be worth a transfer (the policy's ``min_bytes``).
+
+  Args:
+    costs: the chain's per-layer costs.
+    offload: the ``offload`` argument of :class:`budget` (``None``: device only).
+    backend: the platform planned for; default ``jax.default_backend()``.
+
+  Returns:
+    A tuple of boundary indices (empty without offload, or on XLA:CPU).
+
+  Example:
+
+    >>> import remat
+    >>> from remat.segmenters import LayerCost, offload_candidates
+    >>> c = [LayerCost(1 << 20, 1 << 20, 1 << 20, 0, 1e9, 3e9)] * 4
+    >>> offload_candidates(c, remat.offload.host(), backend="gpu")
+    (1, 2, 3)
+    >>> offload_candidates(c, remat.offload.host(), backend="cpu")
+    ()
+  """
+  if offload is None:
+    return ()
+  offload_lib.validate_offload(offload, api="`remat.segmenters.budget`")
+  if not offload_lib.supported(backend or jax.default_backend()):
+    return ()
+  return tuple(i for i in range(1, len(costs)) if offload.worth_moving(int(costs[i].input_bytes)))
+
+
+### Budget dynamic program
+
+
+class _BudgetDP:
+  """min flops s.t. predicted peak <= budget, over nested trees (see ``plan.py`` cost model).
+
+  For a sub-chain ``[i, j)`` run under AD, with ``free`` meaning its input is
+  already held (chain input or the input of an enclosing checkpoint), the
+  head is either layer ``i`` taped (keeps ``kept_i``, peaks at
+  ``kept_i + transient_i``) or a checkpointed ``[i, k)`` (keeps ``a_i`` unless
+  free, runs its inside with the optimal ``[i, k)`` plan with free input); the
+  rest ``[k, j)`` follows with the head's keep held:
+  ``peak = max(head_peak, head_keep + rest_peak)``. ``dead`` marks a sub-chain
+  whose output is unused (the tail of a recomputation): a trailing
+  checkpointed head there costs no forward pass, as XLA removes it.
+  """
+
+  def __init__(self, costs, offload_boundaries=(), offload=None, backend=None):
+    self.c = costs
+    self.n = len(costs)
+    self.offload_boundaries = frozenset(offload_boundaries)
+    self.offload = offload
+    self.backend = backend
+    f = np.array([c.flops for c in costs], dtype=np.float64)
+    self.fsum = np.concatenate([[0.0], np.cumsum(f)])
+    # Peak of a forward without tape over [i, k) with input held: max output (+ input after the first).
+    self._pf = {}
+
+  def plain_peak(self, i, k):
+    key = (i, k)
+    if key not in self._pf:
+      v = 0.0
+      for t in range(i, k):
+        c = self.c[t]
+        v = max(v, (0.0 if t == i else c.input_bytes) + c.output_bytes + c.forward_transient_bytes)
+      self._pf[key] = v
+    return self._pf[key]
+
+  def keep_ck(self, i, free):
+    return 0.0 if free else float(self.c[i].input_bytes)
+
+  def can_offload(self, i, k, j, free, dead) -> bool:
+    """Offloading the stored input of a checkpointed head ``[i, k)`` frees device
+    memory only while a rest ``[k, j)`` runs, and only for an input not already held."""
+    return (not free) and k < j and i in self.offload_boundaries
+
+  def offload_cost(self, i, k) -> float:
+    """Flop-equivalent price of keeping boundary ``i`` on host for head ``[i, k)``.
+
+    Each way, the transfer overlaps at least the forward of ``[i, k)`` (the
+    copy out runs while it computes; the copy back is issued a segment ahead
+    in the backward pass); only the part that cannot hide is charged, at the
+    backend's assumed compute rate. A 1-flop floor makes the planner keep a
+    value on device when memory allows.
+    """
+    link = self.offload.link
+    exposed = link.exposed_seconds(float(self.c[i].input_bytes), self.fsum[k] - self.fsum[i],
+                                   backend=self.backend)
+    return 1.0 + exposed / link.compute_seconds(1.0, backend=self.backend)
+
+  def min_peak(self) -> float:
+    """The smallest predicted peak of any tree (exact bytes)."""
+    return self._min_peak_table()[0][(0, self.n, True, False)]
+
+  def _min_peak_table(self):
+    if hasattr(self, "_mp"):
+      return self._mp
+    n = self.n
+    mp: dict = {}
+    arg: dict = {}
+    for length in range(1, n + 1):
+      for i in range(0, n - length + 1):
+        j = i + length
+        for free in (True, False):
+          for dead in (True, False):
+            c = self.c[i]
+            rest = mp[(i + 1, j, False, dead)] if j > i + 1 else 0.0
+            best, best_k = max(c.kept_bytes + backward_transient(self.c, i), c.kept_bytes + rest), 0
+            kc = self.keep_ck(i, free)
+            for k in range(i + 1, j + 1):
+              if free and k == j:
+                continue
+              pf = 0.0 if (dead and k == j) else self.plain_peak(i, k)
+              head = kc + max(pf, mp[(i, k, True, True)])
+              val = head if k == j else max(head, kc + mp[(k, j, False, dead)])
+              if val < best:
+                best, best_k = val, k
+              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
+                val = max(head, mp[(k, j, False, dead)])
+                if val < best:
+                  best, best_k = val, k + n + 1
+            mp[(i, j, free, dead)] = best
+            arg[(i, j, free, dead)] = best_k
+    self._mp = (mp, arg)
+    return self._mp
+
+  def min_peak_tree(self) -> Segment:
+    """A tree with the smallest predicted peak (exact, no quantisation)."""
+    _, arg = self._min_peak_table()
+
+    def rebuild(i, j, free, dead):
+      k = arg[(i, j, free, dead)]
+      if k == 0:
+        return [leaf(i, i + 1)] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
+      off = k > self.n
+      k = k - self.n - 1 if off else k
+      inner = _merge_taped(rebuild(i, k, True, True))
+      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
+      return [seg] + (rebuild(k, j, False, dead) if k < j else [])
+
+    return Segment(0, self.n, tuple(_merge_taped(rebuild(0, self.n, True, False))))
+
+  def solve(self, target: float) -> Segment:
+    """The optimal tree for ``target`` bytes, certified by exact simulation."""
+    n = self.n
+    vals = [int(v) for c in self.c for v in (c.input_bytes, c.output_bytes, c.kept_bytes,
+                                             c.transient_bytes)]
+    g = functools.reduce(math.gcd, [v for v in vals if v > 0] or [1])
+    candidates = []
+    if 1 <= target / g <= 16384:  # exact integer arithmetic in units of the common divisor
+      candidates.append((int(target // g) * g, int(target // g)))
+    for res in (2048, 8192):
+      candidates.append((target, res))
+    for f in (0.99, 0.97, 0.94, 0.9, 0.85, 0.8):  # rounding overshot: aim a little lower
+      candidates.append((target * f, 4096))
+    for t, res in candidates:
+      root = self._solve_quantized(t, res)
+      if root is not None and make_plan(root, self.c, n, "").predicted_peak_bytes <= target:
+        return root
+    # Within the quantisation error of the smallest peak: the exact min-peak tree.
+    return self.min_peak_tree()
+
+  def _solve_quantized(self, target, m_max):
+    n, c = self.n, self.c
+    q = target / m_max
+    Q = lambda b: int(round(b / q))  # noqa: E731
+    inf = np.inf
+    M = m_max + 1
+    opt: dict = {}
+    choice: dict = {}
+    idx = np.arange(M)
+
+    def shift(arr, s):
+      if s <= 0:
+        return arr
+      out = np.full(M, inf)
+      if s < M:
+        out[s:] = arr[:M - s]
+      return out
+
+    for length in range(1, n + 1):
+      for i in range(0, n - length + 1):
+        j = i + length
+        ci = c[i]
+        kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + backward_transient(c, i))
+        for free in (True, False):
+          kc = Q(self.keep_ck(i, free))
+          for dead in (True, False):
+            if j == i + 1:
+              best = np.where(idx >= ph, ci.step_flops, inf)
+            else:
+              best = np.where(idx >= ph, ci.step_flops + shift(opt[(i + 1, j, False, dead)], kh), inf)
+            arg = np.zeros(M, dtype=np.int32)  # 0: taped head; k: checkpoint [i, k)
+            for k in range(i + 1, j + 1):
+              if free and k == j:
+                continue
+              if dead and k == j:  # output unused: no forward pass for this checkpoint
+                head = shift(opt[(i, k, True, True)], kc)
+              else:
+                pf = Q(self.plain_peak(i, k))
+                head = np.where(idx >= kc + pf,
+                                self.fsum[k] - self.fsum[i] + shift(opt[(i, k, True, True)], kc), inf)
+              val = head if k == j else head + shift(opt[(k, j, False, dead)], kc)
+              better = val < best
+              best = np.where(better, val, best)
+              arg = np.where(better, k, arg)
+              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
+                val = head + opt[(k, j, False, dead)] + self.offload_cost(i, k)
+                better = val < best
+                best = np.where(better, val, best)
+                arg = np.where(better, k + n + 1, arg)
+            opt[(i, j, free, dead)] = best
+            choice[(i, j, free, dead)] = arg
+    if not np.isfinite(opt[(0, n, True, False)][M - 1]):
+      return None
+    kids = self._rebuild(0, n, True, False, M - 1, choice, Q)
+    return Segment(0, n, tuple(_merge_taped(kids)))
+
+  def _rebuild(self, i, j, free, dead, m, choice, Q):
+    k = int(choice[(i, j, free, dead)][m])
+    if k == 0:
+      out = [leaf(i, i + 1)]
+      if j > i + 1:
+        out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].kept_bytes), choice, Q)
+      return out
+    off = k > self.n
+    k = k - self.n - 1 if off else k
+    kc = Q(self.keep_ck(i, free))
+    inner = _merge_taped(self._rebuild(i, k, True, True, m - kc, choice, Q))
+    seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
+    if k == j:
+      return [seg]
+    return [seg] + self._rebuild(k, j, False, dead, m if off else m - kc, choice, Q)
+
+
+def _merge_taped(segs: list[Segment]) -> list[Segment]:
+  out: list[Segment] = []
+  for s in segs:
+    if out and not s.checkpoint and not s.children and not out[-1].checkpoint and not out[-1].children:
+      out[-1] = leaf(out[-1].start, s.stop)
+    else:
+      out.append(s)
+  return out
+
+
+### Helpers
+
+
+def _check_costs(costs) -> tuple[LayerCost, ...]:
+  if isinstance(costs, int) or not all(isinstance(c, LayerCost) for c in costs):
+    s = repr(costs)
+    raise ValueError(
+        f"{_API} plans from measured bytes: pass a sequence of `remat.segmenters.LayerCost` (see "
+        "`remat.segmenters.measure_costs`), or use it through `remat.sequential`, which measures "
+        f"them; got {s if len(s) < 80 else s[:77] + '...'}.")
+  costs = tuple(costs)
+  if not costs:
+    raise ValueError(f"{_API} needs at least one layer, but got no costs.")
+  return costs
+
+
+def _check_positive_int(v, name, example):
+  if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+    raise ValueError(f"`{_API[1:-1]}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
+
+
+def _mib(b) -> str:
+  return f"{b / 2**20:,.2f} MiB"

@@ -1,0 +1,163 @@
+"""Executing a :class:`Plan`: nested checkpoints, keys tied to inputs, scanned levels.
+
+The one place that turns plan data into a program. :func:`build` walks a
+segment tree once for every caller: ``remat.sequential`` runs pure layer
+functions with per-layer keys, ``remat.nnx.Sequential`` runs modules through
+``remat.nnx.checkpoint``; both give it a way to run one layer and a way to
+checkpoint a segment's function. Planning never imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from remat._src import offload as offload_lib
+from remat._src import rng as rng_lib
+from remat._src import transform
+from remat._src.plan import Plan, Segment
+from remat._src.signature import positional_arity
+
+# A checkpointed segment's function is ``fn(items, x)``: offloading its stored
+# input moves argument 1 (never the parameters or modules in ``items``).
+OFFLOAD_INPUT = offload_lib.host(argnums=1, min_bytes=0)
+
+
+### The plan walker
+
+
+def build(seg: Segment, run_layer: Callable[[int, Any, Any], Any],
+          checkpoint: Callable[[Callable, bool], Callable]) -> Callable:
+  """The function ``run(items, x) -> y`` of segment ``seg``.
+
+  Args:
+    seg: a segment of a plan.
+    run_layer: ``run_layer(i, item, x) -> y`` runs layer ``i`` on ``x`` with
+      its ``item`` (parameters and key, a module ...).
+    checkpoint: ``checkpoint(fn, offload) -> fn`` wraps a checkpointed
+      segment's ``fn(items, x)``; ``offload`` says whether its stored input
+      ``x`` lives in host memory.
+
+  Returns:
+    ``run(items, x)``, where ``items`` holds one entry per layer of ``seg``.
+  """
+  if seg.children:
+    parts = [(c.start - seg.start, c.stop - seg.start, build(c, run_layer, checkpoint))
+             for c in seg.children]
+
+    def run(items, x):
+      for a, b, f in parts:
+        x = f(items[a:b], x)
+      return x
+  else:
+    def run(items, x):
+      for i in range(seg.start, seg.stop):
+        x = run_layer(i, items[i - seg.start], x)
+      return x
+  run.__name__ = f"segment_{seg.start}_{seg.stop}"
+  return checkpoint(run, seg.offload) if seg.checkpoint else run
+
+
+def checkpoint_segment(fn: Callable, offload: bool) -> Callable:
+  """``remat.checkpoint`` of a segment's ``fn(items, x)``, its input offloaded if asked."""
+  return transform.checkpoint(fn, offload=OFFLOAD_INPUT if offload else None)
+
+
+### Pure layer functions
+
+
+def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
+  """``(p, x, key) -> y`` for every layer, whether it is ``layer(p, x)`` or ``layer(p, x, key)``."""
+  out = []
+  for f in layers:
+    arity = positional_arity(f)
+    out.append(f if arity is None or arity >= 3 else (lambda p, x, key, f=f: f(p, x)))
+  return out
+
+
+def call_tied(f: Callable, p: Any, x: Any, key: Any) -> Any:
+  """``f(p, x, key)`` with the key made available only together with ``x``.
+
+  Random bits depend on the key alone, so XLA's scheduler may generate the
+  dropout bits of every layer at the start of the step and keep them all
+  alive (docs/facts.md, fact 11). An ``optimization_barrier`` over the key and
+  the layer's input keeps them where they are used.
+  """
+  if jax.tree_util.tree_leaves(key):
+    key, x = transform._barrier((key, x))
+  return f(p, x, key)
+
+
+def apply_plan(plan: Plan, layers: Sequence[Callable], params: Sequence[Any], x: Any,
+               key: Any = None) -> Any:
+  """Runs ``layers`` under ``plan``; layer ``i`` gets ``remat.rng.layer_key(key, i)``."""
+  if len(layers) != plan.num_layers or len(params) != plan.num_layers:
+    raise ValueError(
+        f"the plan is for {plan.num_layers} layers, but got {len(layers)} layers and "
+        f"{len(params)} parameter entries. Make a plan for this chain.")
+  callers = layer_callers(layers)
+  items = tuple((p, rng_lib.layer_key(key, i)) for i, p in enumerate(params))
+  run_layer = lambda i, item, x: call_tied(callers[i], item[0], x, item[1])  # noqa: E731
+  return build(plan.root, run_layer, checkpoint_segment)(items, x)
+
+
+### Scanned levels (parameters stacked on a leading axis)
+
+
+def regular_levels(root: Segment) -> list[tuple[int, bool]] | None:
+  """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None.
+
+  Such a plan runs as nested ``lax.scan``s. Plans with an offloaded input are
+  not scanned: every segment of a scan is the same program.
+  """
+  if _has_offload(root):
+    return None
+  if not root.children:
+    return [(root.size, False)]
+  first = root.children[0]
+  shape = _shape(first)
+  if any(_shape(c) != shape for c in root.children):
+    return None
+  inner = regular_levels(dataclasses.replace(first, checkpoint=False))
+  if inner is None:
+    return None
+  return [(len(root.children), first.checkpoint)] + inner
+
+
+def _has_offload(seg: Segment) -> bool:
+  return seg.offload or any(_has_offload(c) for c in seg.children)
+
+
+def _shape(seg: Segment):
+  return (seg.size, seg.checkpoint, tuple(_shape(c) for c in seg.children))
+
+
+def scan_levels(caller: Callable, levels: list[tuple[int, bool]], params: Any, x: Any,
+                keys: Any) -> Any:
+  """Nested ``lax.scan``: level ``(count, ck)`` scans ``count`` sub-stacks, checkpointing each if ``ck``."""
+  (count, ck), rest = levels[0], levels[1:]
+  if not rest:  # taped layers
+    def body(x, pk):
+      return call_tied(caller, pk[0], x, pk[1]), None
+    return jax.lax.scan(body, x, (params, keys))[0]
+
+  def sub(p, x, k):
+    return scan_levels(caller, rest, p, x, k)
+
+  f = transform.checkpoint(sub) if ck else sub
+
+  def body(x, pk):
+    return f(pk[0], x, pk[1]), None
+
+  split = lambda a: a.reshape((count, a.shape[0] // count) + a.shape[1:])  # noqa: E731
+  return jax.lax.scan(body, x, jax.tree_util.tree_map(split, (params, keys)))[0]
+
+
+def stacked_keys(key: Any, n: int) -> Any:
+  """``remat.rng.layer_key(key, i)`` for ``i < n``, stacked on a leading axis (``None`` stays)."""
+  if key is None:
+    return None
+  return jax.vmap(lambda i: rng_lib.layer_key(key, i))(jnp.arange(n))
