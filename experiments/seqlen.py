@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 import remat
 from remat import segmenters as S
-from remat._src import cli, tradeoff
+from remat._src import cli
+from remat_bench import tradeoff
 from remat_bench.models.linen import TransformerBlock
 
 

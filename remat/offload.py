@@ -12,7 +12,9 @@ from remat._src.offload import (
     DEFAULT_MIN_BYTES,
     HostOffload,
     OffloadNotExecutedWarning,
+    Placement,
     host,
+    placements,
     supported,
 )
 
@@ -24,6 +26,8 @@ __all__ = [
     "HostLink",
     "HostOffload",
     "OffloadNotExecutedWarning",
+    "Placement",
     "host",
+    "placements",
     "supported",
 ]

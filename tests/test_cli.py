@@ -37,7 +37,7 @@ def test_help_runs_as_a_module():
   assert "--segmenter" in out and "--budget" in out
   out = subprocess.run([sys.executable, "-m", "remat", "compare", "--help"], capture_output=True, text=True,
                        check=True).stdout
-  assert "--depths" in out and "--methods" in out  # remat_bench.tradeoff's options, shared with the experiment
+  assert "--depths" in out and "--methods" in out  # remat_bench.tradeoff's options (the experiment's)
 
 
 def test_compare_runs_the_experiment_code(capsys, tmp_path):

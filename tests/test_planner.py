@@ -13,6 +13,7 @@ import pytest
 
 import remat
 from remat import segmenters as S
+from remat.segmenters import Plan, Segment
 
 BATCH, WIDTH = 512, 256
 ACT = BATCH * WIDTH * 4
@@ -72,6 +73,43 @@ def test_predicted_temp_matches_compiled_within_10_percent_on_uniform_chains(dep
   p = remat.sequential([cheap] * depth, seg).plan_for(ws, x, compile=True)
   assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
   assert p.predicted_flops > 0 and "compiled temp" in str(p)
+
+
+def _logged_layers(n, log):
+  def make(i):
+    def layer(w, x):
+      jax.debug.callback(lambda: log.append(i))
+      return jnp.tanh(x @ w)
+    return layer
+  return [make(i) for i in range(n)]
+
+
+_ck = lambda a, b, kids=(): Segment(a, b, kids, True)  # noqa: E731
+# Checkpoints nested two deep; the last child of every recomputed range is taped, so no
+# forward is dead code (a debug callback is an effect and would keep a dead forward alive).
+NESTED = Segment(0, 8, (_ck(0, 4, (_ck(0, 2), Segment(2, 4))),
+                        _ck(4, 8, (_ck(4, 6, (_ck(4, 5), Segment(5, 6))), Segment(6, 8)))))
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("plan,order", [
+    # revolve(2) on 6 layers: [ck [0,3): ck[0], ck[1], tape[2]] [ck [3,5): ck[3], tape[4]] tape[5]
+    (S.revolve(2).plan(6), [0, 1, 2, 3, 4, 5,  3, 4, 3,  0, 1, 2, 1, 0]),
+    # The backward pass recomputes [4, 8) (running ck [4,6) without tape), then inside [4, 6)
+    # recomputes layer 4 again; then [0, 4) the same way.
+    (Plan.from_tree(NESTED), [0, 1, 2, 3, 4, 5, 6, 7,  4, 5, 6, 7, 4, 5, 4,  0, 1, 2, 3, 0, 1]),
+], ids=["revolve2", "nested"])
+def test_recomputation_order_follows_the_plan(plan, order, use_jit):
+  """The exact order of layer evaluations in one training step, as equinox tests its loops."""
+  log = []
+  layers = _logged_layers(plan.num_layers, log)
+  apply = remat.sequential(layers, plan)
+  ws, x = [jnp.eye(3) * 0.5] * plan.num_layers, jnp.ones((2, 3))
+  step = jax.grad(lambda ws: jnp.sum(apply(ws, x)))
+  jax.block_until_ready((remat.jit(step) if use_jit else step)(ws))
+  assert log == order
+  assert len(order) == plan.forward_evaluations
+  assert [order.count(i) for i in range(plan.num_layers)] == list(plan.layer_evaluations)
 
 
 # -- gradients ------------------------------------------------------------------------

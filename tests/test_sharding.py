@@ -164,10 +164,6 @@ def _subjaxprs(params):
         yield u
 
 
-_PLACE = re.compile(r"(%\w+) = stablehlo.custom_call @annotate_device_placement\((%\w+)\)[^\n]*?"
-                    r"_xla_buffer_placement = \"(\w+)\"[^\n]*?: \((tensor<[^>]*>)")
-
-
 @pytest.mark.parametrize("kind", ["dp", "fsdp"])
 def test_sharded_gpu_lowering_moves_activations(kind):
   """Lowered for 8 GPUs, the sharded step moves each block input to pinned_host and back."""
@@ -177,7 +173,7 @@ def test_sharded_gpu_lowering_moves_activations(kind):
   # The batch argument stays split over "data" (Shardy annotation of the exported main).
   text = exp.mlir_module()
   assert re.search(rf'tensor<{B}x{H}xf32> {{[^}}]*sdy.sharding = #sdy.sharding<@mesh, \[{{"data"', text)
-  placed = _PLACE.findall(text)
+  placed = remat.offload.placements(sharded_step(kind, "offload"), ws, x)
   to_host = {res: t for res, _, kind_, t in placed if kind_ == "pinned_host"}
   # (jax also marks the step's outputs "device" because out_shardings are given.)
   back = [t for _, src, kind_, t in placed if kind_ == "device" and src in to_host]

@@ -1,5 +1,6 @@
 """remat.checkpoint against plain jax.grad and jax.checkpoint."""
 
+import dataclasses
 import functools
 
 import chex
@@ -335,7 +336,12 @@ def test_profile_fields_and_str():
   assert p.flops > 0 and p.argument_bytes == DEPTH * WIDTH * WIDTH * 4 + BATCH * WIDTH * 4
   assert p.peak_bytes == p.argument_bytes + p.output_bytes + p.temp_bytes - p.alias_bytes
   assert "MiB" in str(p) and "GFLOP" in str(p)
-  hash(p)
+  # Frozen and comparable; the HLO text is left out of equality and hashing.
+  same = dataclasses.replace(p, hlo="")
+  assert same == p and hash(same) == hash(p)
+  assert dataclasses.replace(p, temp_bytes=p.temp_bytes + 1) != p
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    p.temp_bytes = 0
 
 
 # -- errors --------------------------------------------------------------------

@@ -116,8 +116,9 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
       need = int(math.ceil(smallest / (1 - SLACK)))
       raise ValueError(
           f"{_API}({self.max_bytes:,}): the smallest feasible budget for this chain is "
-          f"{int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted), and a budget keeps 0.5% for the "
-          f"caller's own buffers. Raise `max_bytes` to at least {need:,}, or make the layers smaller.")
+          f"{int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted), and a budget keeps 0.5% "
+          f"for the caller's own buffers. Raise `max_bytes` to at least {need:,}, or make the layers "
+          "smaller.")
     target, tried, seen, best = limit, [], set(), None
     for _ in range(self.max_compiles):
       plan = self.plan(costs, target_bytes=target, backend=backend)

@@ -28,7 +28,7 @@ from flax.nnx.transforms.transforms import resolve_kwargs
 from remat._src import adapter_util
 from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
-from remat._src import types as rt
+from remat._src import pytypes as rt
 
 _API = "`remat.nnx.checkpoint`"
 _CTXTAG = "remat"

@@ -17,8 +17,9 @@ them: docs/facts.md, fact 5); :func:`supported` says so and the policy warns onc
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,18 +47,9 @@ _WARNED: set[str] = set()  # platforms already warned about (warn once per proce
 
 
 def supported(device: jax.Device | str | None = None) -> bool:
-  """Whether ``device`` executes memory-kind moves to ``pinned_host``.
-
-  GPU and TPU devices do. XLA:CPU lists a ``pinned_host`` memory and accepts
-  the placements, but its lowering drops them: nothing moves and device memory
-  is not reduced (results are still exact).
-
-  Args:
-    device: a ``jax.Device``, a platform name (``"cpu"``, ``"gpu"``, ``"cuda"``,
-      ``"tpu"``), or ``None`` for ``jax.devices()[0]``.
-
-  Returns:
-    ``True`` if offloaded values really move to host memory on that device.
+  """Whether ``device`` (a ``jax.Device``, a platform name, or ``None`` for the first
+  device) executes memory-kind moves to ``pinned_host``: GPU and TPU do; XLA:CPU
+  accepts the placements and moves nothing (results stay exact).
 
   Raises:
     TypeError: if ``device`` is neither a device, a string nor ``None``.
@@ -135,27 +127,12 @@ class HostOffload:
     return HostLink(bandwidth=self.bandwidth, latency=self.latency)
 
   def worth_moving(self, nbytes: int) -> bool:
-    """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``).
-
-    Example:
-
-      >>> import remat
-      >>> remat.offload.host(min_bytes=1024).worth_moving(512)
-      False
-    """
+    """Whether a value of ``nbytes`` bytes is large enough to move (``>= min_bytes``)."""
     return nbytes > 0 and nbytes >= self.min_bytes
 
   def moves_input(self, origin: int | str | None) -> bool:
     """Whether an input leaf from ``origin`` (a position, a keyword, or ``None``
-    for a closed-over value) is an activation this policy moves.
-
-    Example:
-
-      >>> import remat
-      >>> p = remat.offload.host(exclude_argnums=0)
-      >>> p.moves_input(0), p.moves_input(1), p.moves_input(None)
-      (False, True, False)
-    """
+    for a closed-over value) is an activation this policy moves."""
     if origin is None:
       return False
     if isinstance(origin, int) and origin in self.exclude_argnums:
@@ -165,28 +142,14 @@ class HostOffload:
     return isinstance(origin, int) and origin in self.argnums
 
   def with_leading_arguments(self, n: int) -> HostOffload:
-    """The same policy for a wrapper that prepends ``n`` positional arguments.
-
-    For adapters (Flax) that call ``remat.checkpoint`` on
-    ``inner(variables, rngs, *user_args)``: the user's positions shift by
-    ``n`` and the ``n`` leading arguments (variables, RNG state) never move.
-
-    Args:
-      n: the number of positional arguments the wrapper puts first.
-
-    Returns:
-      A new :class:`HostOffload`.
-
-    Raises:
-      TypeError: if ``n`` is not a non-negative int.
+    """The same policy for a wrapper that prepends ``n`` positional arguments that never
+    move (the Flax adapters' ``inner(variables, rngs, *user_args)``).
 
     Example:
 
       >>> import remat
       >>> remat.offload.host(argnums=1).with_leading_arguments(2).argnums
       (3,)
-      >>> remat.offload.host().with_leading_arguments(2).exclude_argnums
-      (0, 1)
     """
     if not _is_int(n) or n < 0:
       raise TypeError(
@@ -200,16 +163,11 @@ class HostOffload:
 
   def to_host(self, res: Any, *, inputs: Sequence[Any] = (),
               origins: Sequence[int | str | None] | None = None) -> Any:
-    """Places the residual leaves that are activations in ``pinned_host``.
+    """Places the activation leaves of ``res`` in ``pinned_host`` (``remat.checkpoint``'s forward).
 
-    Called in the forward pass of ``remat.checkpoint``. A leaf that is one of
-    ``inputs`` is moved if :meth:`moves_input` accepts its origin; any other
-    leaf (an intermediate a jax policy saved) is moved. Leaves below
-    ``min_bytes``, PRNG keys and values already on host stay where they are.
-    With ``origins=None`` every leaf counts as an activation.
-
-    Returns:
-      A pytree that :meth:`to_device` turns back into ``res``.
+    An input leaf moves if :meth:`moves_input` accepts its origin, any other leaf (an
+    intermediate a jax policy saved) moves; leaves below ``min_bytes``, keys and values
+    already on host stay. Returns what :meth:`to_device` turns back into ``res``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(res)
     by_id: dict[int, int | str | None] = {}
@@ -301,6 +259,50 @@ def host(*, argnums: int | Sequence[int] | None = None, exclude_argnums: int | S
   """
   return HostOffload(argnums=argnums, exclude_argnums=exclude_argnums,  # type: ignore[arg-type]
                      min_bytes=min_bytes, bandwidth=bandwidth, latency=latency)
+
+
+class Placement(NamedTuple):
+  """One memory-kind placement in a lowered program: ``value = place(source)`` in ``memory_kind``."""
+
+  value: str        # the placed value's name in the module (``%12``)
+  source: str       # the value it was placed from
+  memory_kind: str  # ``"pinned_host"`` or ``"device"``
+  type: str         # its tensor type, e.g. ``tensor<32x16xf32>``
+
+
+_PLACEMENT = re.compile(r"(%[\w#]+) = stablehlo.custom_call @annotate_device_placement\((%[\w#]+)\)[^\n]*?"
+                        r"_xla_buffer_placement = \"(\w+)\"[^\n]*?: \((tensor<[^>]*>)")
+
+
+def placements(fn: Callable, *args, platform: str = "cuda") -> list[Placement]:
+  """The memory-kind placements in ``fn(*args)`` lowered for ``platform``, in program order.
+
+  XLA:CPU drops placements when it compiles, so on a CPU machine this is how
+  to see what a GPU would move: the program is exported for ``platform``
+  with ``jax.export`` (``fn`` may be jitted, with shardings).
+
+  Args:
+    fn: the function (e.g. a training step).
+    *args: example arguments (arrays or ``jax.ShapeDtypeStruct``).
+    platform: ``"cuda"``, ``"rocm"`` or ``"tpu"``.
+
+  Returns:
+    A list of :class:`Placement`; moves to host have ``memory_kind == "pinned_host"``.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, remat, warnings
+    >>> block = remat.checkpoint(lambda w, x: jnp.tanh(x @ w),
+    ...                          offload=remat.offload.host(argnums=1, min_bytes=0))
+    >>> with warnings.catch_warnings():
+    ...   warnings.simplefilter("ignore", remat.offload.OffloadNotExecutedWarning)
+    ...   p = remat.offload.placements(jax.grad(lambda w, x: block(w, x).sum()), jnp.eye(4), jnp.ones((2, 4)))
+    >>> [(q.memory_kind, q.type) for q in p]
+    [('pinned_host', 'tensor<2x4xf32>'), ('device', 'tensor<2x4xf32>')]
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  exported = jax.export.export(jitted, platforms=[platform])(*args)
+  return [Placement(*m) for m in _PLACEMENT.findall(exported.mlir_module())]
 
 
 ### Implementation

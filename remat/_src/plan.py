@@ -96,10 +96,11 @@ class Segment:
 
   def __post_init__(self):
     if not 0 <= self.start < self.stop:
-      raise ValueError(f"a `remat.segmenters.Segment` needs 0 <= start < stop, but got [{self.start}, {self.stop}).")
+      raise ValueError(f"a `remat.segmenters.Segment` needs 0 <= start < stop, but got "
+                       f"[{self.start}, {self.stop}).")
     if self.offload and not self.checkpoint:
-      raise ValueError(f"`remat.segmenters.Segment` [{self.start}, {self.stop}): only a checkpointed segment's "
-                       "stored input can be offloaded; pass `checkpoint=True` with `offload=True`.")
+      raise ValueError(f"`remat.segmenters.Segment` [{self.start}, {self.stop}): only a checkpointed "
+                       "segment's stored input can be offloaded; pass `checkpoint=True` with `offload=True`.")
     if self.children:
       edges = [self.start] + [c.stop for c in self.children]
       starts = [c.start for c in self.children]

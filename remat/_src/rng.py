@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from remat._src import types as rt
+from remat._src import pytypes as rt
 
 _API = "`remat.rng`"
 

@@ -160,7 +160,8 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
     return execute.scan_levels(caller, levels, params, x, execute.stacked_keys(key, n))
 
   apply.plan_for = plan_for  # type: ignore[attr-defined]
-  apply.scanned = lambda params, x, key=None: execute.regular_levels(plan_for(params, x, key).root) is not None  # type: ignore[attr-defined]
+  apply.scanned = lambda params, x, key=None: (  # type: ignore[attr-defined]
+      execute.regular_levels(plan_for(params, x, key).root) is not None)
   return apply
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 
 from remat._src import offload as offload_lib
-from remat._src import types as rt
+from remat._src import pytypes as rt
 from remat._src.signature import positional_arity
 
 _API = "`remat.checkpoint`"

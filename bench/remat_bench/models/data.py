@@ -94,7 +94,8 @@ def lm_batches(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "tr
   elif split == "valid":
     part = tokens[cut:]
   else:
-    raise ValueError(f"`remat_bench.models.data.lm_batches`: `split` must be 'train' or 'valid', got {split!r}.")
+    raise ValueError(f"`remat_bench.models.data.lm_batches`: `split` must be 'train' or 'valid', "
+                     f"got {split!r}.")
   if len(part) <= seq_len + 1:
     raise ValueError(f"`remat_bench.models.data.lm_batches`: the {split} split has {len(part)} tokens, "
                      f"fewer than seq_len + 1 = {seq_len + 1}.")
