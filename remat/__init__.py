@@ -2,6 +2,7 @@
 
 from remat import linen, nnx, offload, rng, segmenters
 from remat._src.compile import compiler_options, jit
+from remat._src.fit import FitReport, Fitted, fit
 from remat._src.plan import Plan
 from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.sequential import sequential
@@ -10,12 +11,15 @@ from remat._src.transform import RecomputationMismatchError, checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitReport",
+    "Fitted",
     "Plan",
     "Profile",
     "RecomputationMismatchError",
     "Residual",
     "checkpoint",
     "compiler_options",
+    "fit",
     "jit",
     "linen",
     "nnx",

@@ -8,6 +8,7 @@ returns a ``Plan``; apply it with ``remat.sequential``.
 
 from remat._src.budget import budget, min_feasible_bytes, offload_candidates
 from remat._src.costs import measure_costs
+from remat._src.fit import auto
 from remat._src.plan import LayerCost, Plan, Segment, Verifier
 from remat._src.segmenters import (
     Segmenter,
@@ -25,6 +26,7 @@ __all__ = [
     "Segment",
     "Segmenter",
     "Verifier",
+    "auto",
     "budget",
     "every",
     "measure_costs",

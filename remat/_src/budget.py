@@ -15,18 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import numpy as np
 
 from remat._src import offload as offload_lib
+from remat._src import segmenters as seg_lib
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transient, leaf, make_plan
 
 _API = "`remat.segmenters.budget`"
-# Part of a budget left free for what the caller's own step adds (a loss, other
-# arguments: a few hundred bytes measured) on top of the reference step.
-SLACK = 0.005
 _VERIFIED: dict[Any, Plan] = {}
 
 
@@ -38,9 +36,12 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
   training step (``value_and_grad`` of its summed output with respect to
   parameters and input): activations, residuals and working buffers, not
   parameters, inputs or gradients. Through ``remat.sequential`` or the Flax
-  ``Sequential`` s the plan is made per traced shape and verified by
-  compiling it to at most 99.5% of ``max_bytes`` (the rest is left for the
-  caller's own buffers). Where plain backprop fits, it recomputes nothing.
+  ``Sequential`` s the plan is made per traced shape (per device, where the
+  chain's sharding is known) and verified by compiling it; no uniform
+  segmentation that compiles under ``max_bytes`` needs fewer flops. Where
+  plain backprop fits, it recomputes nothing. To fit a whole training step
+  (parameters, optimizer state) to a device, use ``remat.fit`` with
+  ``remat.segmenters.auto()``.
 
   Args:
     max_bytes: the memory budget in bytes (a positive int).
@@ -49,7 +50,7 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
       checkpointed segment's input in host memory instead of recomputing
       more, charging only the part of the transfer that cannot hide behind
       the segment's forward compute (``HostOffload.link``).
-    max_compiles: how many candidate plans may be compiled to find one that fits.
+    max_compiles: how many candidate plans may be compiled to find the cheapest that fits.
 
   Raises:
     ValueError: if ``max_bytes`` or ``max_compiles`` is not a positive int.
@@ -67,12 +68,17 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
 
   max_bytes: int
   offload: Any = dataclasses.field(default=None, kw_only=True)
-  max_compiles: int = dataclasses.field(default=4, kw_only=True)
+  max_compiles: int = dataclasses.field(default=8, kw_only=True)
   needs_costs: ClassVar[bool] = True
+
+  def __repr__(self) -> str:
+    extra = (f", offload={self.offload!r}" if self.offload is not None else "") + (
+        f", max_compiles={self.max_compiles}" if self.max_compiles != 8 else "")
+    return f"budget({self.max_bytes}{extra})"
 
   def __post_init__(self):
     _check_positive_int(self.max_bytes, "max_bytes", "budget(2**30)")
-    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=4)")
+    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=8)")
     if self.offload is not None:
       offload_lib.validate_offload(self.offload, api=_API)
 
@@ -106,49 +112,89 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     return make_plan(dp.solve(target), costs, len(costs), repr(self))
 
   def _verified(self, costs: tuple[LayerCost, ...], verifier: Verifier, backend) -> Plan:
-    """Compile candidates; correct the target by each compiled number; keep the cheapest that fits."""
     cache_key = (self, verifier.key, backend)
-    if cache_key in _VERIFIED:
-      return _VERIFIED[cache_key]
-    smallest = _BudgetDP(costs).min_peak()
-    limit = int(self.max_bytes * (1 - SLACK))
-    if limit < smallest:
-      need = int(math.ceil(smallest / (1 - SLACK)))
-      raise ValueError(
-          f"{_API}({self.max_bytes:,}): the smallest feasible budget for this chain is "
-          f"{int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted), and a budget keeps 0.5% "
-          f"for the caller's own buffers. Raise `max_bytes` to at least {need:,}, or make the layers "
-          "smaller.")
-    target, tried, seen, best = limit, [], set(), None
-    for _ in range(self.max_compiles):
-      plan = self.plan(costs, target_bytes=target, backend=backend)
-      if plan.root in seen:
-        break
+    if cache_key not in _VERIFIED:
+      dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
+                     backend=backend)
+      plan = verified_search(dp, costs, self.max_bytes, verifier.temp_bytes, self.max_compiles,
+                             name=repr(self), api=f"{_API}({self.max_bytes:,})")
+      _VERIFIED[cache_key] = plan
+    return _VERIFIED[cache_key]
+
+
+def uniform_plans(costs: Sequence[LayerCost]) -> list[Plan]:
+  """Plain backprop and the uniform segmentations of a chain (``every(k)``, ``revolve(s)``,
+  ``multilevel``), evaluated under the cost model: candidates a verified search must consider."""
+  n = len(costs)
+  segs: list[Any] = [seg_lib.every(k) for k in _every_sizes(n)]
+  segs += [seg_lib.revolve(s) for s in range(1, min(n, 8) + 1)]
+  segs += [seg_lib.multilevel(2), seg_lib.multilevel(3)]
+  out, seen = [make_plan(Segment(0, n), costs, n, "plain")], set()
+  for seg in segs:
+    plan = seg.plan(costs)
+    if plan.root not in seen:
       seen.add(plan.root)
-      temp = int(verifier.temp_bytes(plan))
-      tried.append((plan.forward_evaluations, plan.predicted_peak_bytes, temp))
-      fits = temp <= limit
-      if fits and (best is None or plan.predicted_flops < best.predicted_flops):
-        best = dataclasses.replace(plan, compiled_temp_bytes=temp)
-      if fits and (plan.recomputed_evaluations == 0 or temp >= 0.98 * limit):
-        break
-      # Correct the model's bias with the compiled number: aim lower after an
-      # overshoot, higher when the program came out smaller than predicted.
-      if fits:
-        target = int(target * limit / max(temp, 1))
-      else:
-        target = int(math.floor(min(target * limit / temp, plan.predicted_peak_bytes - 1)))
-        if target < smallest:
-          break
-    if best is None:
-      detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
-      need = int(math.ceil(min(t for _, _, t in tried) / (1 - SLACK)))
-      raise ValueError(
-          f"{_API}({self.max_bytes:,}): no plan found whose compiled temp memory fits {limit:,} bytes "
-          f"(the budget less 0.5% kept for the caller's own buffers) in {len(tried)} compile(s) "
-          f"({detail}). Raise `max_bytes` to at least {need:,} bytes, or `max_compiles`.")
-    _VERIFIED[cache_key] = best
-    return best
+      out.append(plan)
+  return out
+
+
+def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
+                    temp_bytes: Callable[[Plan], int], max_compiles: int, *, name: str, api: str,
+                    extra: Sequence[Plan] = (), low: float = 0.8) -> Plan:
+  """The plan with the fewest predicted flops whose *compiled* temp is at most ``limit``.
+
+  Candidates are the dynamic program's optimum (re-aimed after every compile by
+  the ratio of compiled to predicted bytes) and the uniform plans; the cheapest
+  plausible one is compiled first, so a uniform plan that fits is never beaten
+  by a costlier answer. A prediction counts as plausible if ``low`` times it
+  fits (compiled / predicted was 0.84-1.2 on the chains of docs/facts.md,
+  fact 12), or the lowest ratio seen so far.
+  """
+  n = len(costs)
+  smallest = dp.min_peak()
+  pool = list(uniform_plans(costs)) + list(extra)
+  compiled: dict[Segment, int] = {}
+  target, best = float(limit), None
+  while len(compiled) < max_compiles:
+    dp_plan = None
+    if target >= smallest:
+      dp_plan = make_plan(dp.solve(target), costs, n, name)
+    options = [p for p in pool if p.predicted_peak_bytes * low <= limit]
+    if dp_plan is not None:
+      options.append(dp_plan)
+    options = [p for p in options if p.root not in compiled
+               and (best is None or p.predicted_flops < best.predicted_flops)]
+    if not options:
+      break
+    cand = min(options, key=lambda p: (p.predicted_flops, p.predicted_peak_bytes))
+    temp = compiled[cand.root] = int(temp_bytes(cand))
+    if cand.predicted_peak_bytes:
+      low = min(low, temp / cand.predicted_peak_bytes)
+    if temp <= limit:
+      label = name if cand is dp_plan else f"{name} = {cand.segmenter}"
+      best = dataclasses.replace(cand, segmenter=label, compiled_temp_bytes=temp)
+    elif cand is dp_plan:  # aim lower by the model's error, at least one byte below its prediction
+      target = min(target * limit / temp, cand.predicted_peak_bytes - 1.0)
+  if best is None and not compiled:
+    raise ValueError(
+        f"{api}: no plan is predicted to fit {limit:,} bytes ({_mib(limit)}); the smallest feasible "
+        f"budget for this chain is {int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted). "
+        f"Raise `max_bytes` to at least {int(math.ceil(smallest)):,}, or make the layers smaller.")
+  if best is None:
+    tried = sorted(compiled.values())
+    raise ValueError(
+        f"{api}: no plan found whose compiled temp memory fits {limit:,} bytes ({_mib(limit)}) in "
+        f"{len(compiled)} compile(s); the smallest compiled was {tried[0]:,} bytes ({_mib(tried[0])}), "
+        f"and the smallest predicted for this chain is {int(smallest):,} bytes. Raise `max_bytes` "
+        f"to at least {tried[0]:,}, or `max_compiles`.")
+  return best
+
+
+def _every_sizes(n: int) -> list[int]:
+  if n <= 32:
+    return list(range(1, n + 1))
+  return sorted({1, 2, 3, 4, n} | {k for k in range(1, n + 1) if n % k == 0}
+                | {math.ceil(math.sqrt(n)) + d for d in (-1, 0, 1)})
 
 
 def min_feasible_bytes(costs: Sequence[LayerCost]) -> int:
@@ -331,6 +377,15 @@ class _BudgetDP:
     return self.min_peak_tree()
 
   def _solve_quantized(self, target, m_max):
+    flops, tree_at = self.frontier(target, m_max)
+    return tree_at(m_max) if np.isfinite(flops[m_max]) else None
+
+  def frontier(self, target: float, m_max: int):
+    """Min flops at every budget ``m * target / m_max`` (``m = 0 .. m_max``), and the tree at ``m``.
+
+    Returns ``(flops, tree_at)``: an array of ``m_max + 1`` minimum flops (``inf`` where nothing
+    fits) and a function from ``m`` to the root :class:`Segment` of that optimum.
+    """
     n, c = self.n, self.c
     q = target / m_max
     Q = lambda b: int(round(b / q))  # noqa: E731
@@ -381,10 +436,10 @@ class _BudgetDP:
                 arg = np.where(better, k + n + 1, arg)
             opt[(i, j, free, dead)] = best
             choice[(i, j, free, dead)] = arg
-    if not np.isfinite(opt[(0, n, True, False)][M - 1]):
-      return None
-    kids = self._rebuild(0, n, True, False, M - 1, choice, Q)
-    return Segment(0, n, tuple(_merge_taped(kids)))
+    def tree_at(m: int) -> Segment:
+      return Segment(0, n, tuple(_merge_taped(self._rebuild(0, n, True, False, int(m), choice, Q))))
+
+    return opt[(0, n, True, False)], tree_at
 
   def _rebuild(self, i, j, free, dead, m, choice, Q):
     k = int(choice[(i, j, free, dead)][m])

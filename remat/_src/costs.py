@@ -28,26 +28,12 @@ import jax.numpy as jnp
 
 from remat._src import profile as profile_lib
 from remat._src import rng as rng_lib
+from remat._src import specs
 from remat._src import transform
 from remat._src.execute import layer_callers
 from remat._src.plan import LayerCost
 
 _CACHE: dict[Any, tuple[int, int, float, float, int]] = {}
-
-
-def tree_bytes(tree) -> int:
-  """Bytes of every array leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``)."""
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
-             if hasattr(x, "dtype") and hasattr(x, "size"))
-
-
-def spec(tree):
-  """``jax.ShapeDtypeStruct`` of every array leaf (tracers included); other leaves unchanged."""
-  def one(a):
-    if hasattr(a, "shape") and hasattr(a, "dtype"):
-      return jax.ShapeDtypeStruct(a.shape, a.dtype)
-    return a
-  return jax.tree_util.tree_map(one, tree)
 
 
 def reference_loss(y):
@@ -107,13 +93,13 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
         f"`remat.segmenters.measure_costs` got {len(layers)} layers but {len(params)} parameter "
         "entries; pass one parameter pytree per layer (an empty tuple for parameterless layers).")
   callers = layer_callers(layers)
-  x_spec, key_spec = spec(x), spec(key)
+  x_spec, key_spec = specs.spec(x), specs.spec(key)
   out = []
   for f, p in zip(callers, params, strict=True):
-    p_spec = spec(p)
-    y_spec = jax.eval_shape(f, p_spec, x_spec, key_spec)
+    p_spec = specs.spec(p)
+    y_spec = _output_spec(f, p_spec, x_spec, key_spec)
     kept, transient, flops, step_flops, fwd_temp = _layer_costs(f, p_spec, x_spec, key_spec, y_spec)
-    out.append(LayerCost(input_bytes=tree_bytes(x_spec), output_bytes=tree_bytes(y_spec),
+    out.append(LayerCost(input_bytes=specs.device_bytes(x_spec), output_bytes=specs.device_bytes(y_spec),
                          kept_bytes=kept, transient_bytes=transient, flops=flops,
                          step_flops=step_flops, forward_transient_bytes=fwd_temp))
     x_spec = y_spec
@@ -121,12 +107,17 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
 
 
 def chain_key(layers, p_spec, x_spec, key_spec) -> tuple[str, ...]:
-  """Identifies a chain at these shapes: the jaxpr text of each layer."""
+  """Identifies a chain at these shapes and shardings: the jaxpr text of each layer."""
   ids = []
   for f, p in zip(layer_callers(layers), p_spec, strict=True):
     ids.append(layer_cache_key(f, p, x_spec, key_spec))
-    x_spec = jax.eval_shape(f, p, x_spec, key_spec)
+    x_spec = _output_spec(f, p, x_spec, key_spec)
   return tuple(ids)
+
+
+def _output_spec(f, p_spec, x_spec, key_spec):
+  """The layer's output spec; a same-shaped output keeps the input's sharding (as XLA's propagation does)."""
+  return specs.with_sharding_of(jax.eval_shape(f, p_spec, x_spec, key_spec), x_spec)
 
 
 def _same_structure(a, b) -> bool:
@@ -136,8 +127,8 @@ def _same_structure(a, b) -> bool:
 
 
 def layer_cache_key(f, p_spec, x_spec, key_spec):
-  """A key that identifies a layer's computation at these shapes: its jaxpr text."""
-  return str(jax.make_jaxpr(f)(p_spec, x_spec, key_spec))
+  """A key that identifies a layer's computation at these shapes and shardings: its jaxpr text."""
+  return str(jax.make_jaxpr(f)(p_spec, x_spec, key_spec)) + specs.describe((p_spec, x_spec, key_spec))
 
 
 def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
@@ -161,7 +152,7 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
     # A layer that changes the activation's shape cannot be repeated: estimate
     # what it keeps as its output plus the non-argument residuals jax lists.
     res = profile_lib.saved_residuals(lambda p, x: reference_loss(f(p, x, key_spec)), p_spec, x_spec)
-    kept = tree_bytes(y_spec) + sum(r.bytes for r in res if "argument" not in r.source)
+    kept = specs.device_bytes(y_spec) + sum(r.bytes for r in res if "argument" not in r.source)
     kept = min(kept, one.temp_bytes)
   transient = max(one.temp_bytes - kept, 0)
   flops = fwd.flops if fwd.flops == fwd.flops else 0.0

@@ -16,6 +16,7 @@ import jax
 from remat._src import costs as costs_lib
 from remat._src import execute
 from remat._src import profile as profile_lib
+from remat._src import specs
 from remat._src.plan import Plan, Segment, Verifier, make_plan
 from remat._src.segmenters import check_segmenter
 
@@ -110,7 +111,7 @@ def chain_plan(layers: Sequence[Callable], plan_or_segmenter: Any, params: Seque
   """
   layers = tuple(layers)
   check_segmenter(plan_or_segmenter, _API, len(layers))
-  p_spec, x_spec, k_spec = costs_lib.spec(tuple(params)), costs_lib.spec(x), costs_lib.spec(key)
+  p_spec, x_spec, k_spec = specs.spec(tuple(params)), specs.spec(x), specs.spec(key)
   obj = plan_or_segmenter
   if isinstance(obj, Plan):
     plan = obj
@@ -147,7 +148,7 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
 
   def plan_for(params, x, key=None, *, compile: bool = False) -> Plan:
     n = depth_of(params)
-    p0 = costs_lib.spec(jax.tree_util.tree_map(lambda a: a[0], params))
+    p0 = specs.spec(jax.tree_util.tree_map(lambda a: a[0], params))
     return chain_plan([layer] * n, plan_or_segmenter, [p0] * n, x, key, compile=compile)
 
   def apply(params, x, key=None):
