@@ -1,6 +1,8 @@
 """remat.checkpoint against jax.checkpoint where their users meet: forward mode, prevent_cse, traces."""
 
+import os
 import re
+import traceback
 import warnings
 
 import chex
@@ -266,3 +268,36 @@ def test_trace_cache_keeps_no_tracers():
   assert len(calls) == 2
   with jax.checking_leaks():
     jax.grad(loss)(4.0)
+
+
+# -- tracebacks -----------------------------------------------------------------
+
+@pytest.fixture
+def filtered_tracebacks():
+  """What jax's default ("auto") picks outside IPython; restored afterwards."""
+  old = jax.config.jax_traceback_filtering
+  jax.config.update("jax_traceback_filtering", "quiet_remove_frames")
+  yield
+  jax.config.update("jax_traceback_filtering", old)
+
+
+def traceback_files(excinfo) -> list[str]:
+  return [f"{f.filename}:{f.name}" for f in traceback.extract_tb(excinfo.value.__traceback__)]
+
+
+def user_error(x):
+  raise ValueError("bad input")
+
+
+@pytest.mark.parametrize("how", ["eager", "jit", "grad", "jvp", "nested"])
+def test_errors_inside_a_checkpoint_show_the_users_frames_not_ours(filtered_tracebacks, how):
+  f = remat.checkpoint(user_error)
+  call = {"eager": lambda: f(X), "jit": lambda: jax.jit(f)(X),
+          "grad": lambda: jax.grad(lambda x: f(x).sum())(X),
+          "jvp": lambda: jax.jvp(f, (X,), (X,)),
+          "nested": lambda: remat.checkpoint(lambda x: f(x) * 2)(X)}[how]
+  with pytest.raises(ValueError, match="bad input") as excinfo:
+    call()
+  files = traceback_files(excinfo)
+  assert any(f.endswith(":user_error") for f in files), files
+  assert not [f for f in files if f"remat{os.sep}_src" in f], files

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -33,11 +34,32 @@ import numpy as np
 from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
+from jax.extend import source_info_util as jex_source_info
 
 from remat._src import tangent as tangent_lib
 from remat._src import typing as rt
 
 _API = "`remat.checkpoint`"
+
+
+def _traceback_util():
+  """jax's traceback filtering: ``(register_exclusion, api_boundary)``; no-ops if jax moves them.
+
+  # private API: move to compat.py
+  """
+  try:
+    from jax._src import traceback_util
+    return traceback_util.register_exclusion, traceback_util.api_boundary
+  except (ImportError, AttributeError):
+    return (lambda path: None), (lambda fun: fun)
+
+
+# remat's own frames (everything under remat/_src) are left out of filtered tracebacks and of
+# the user frame recorded in jaxprs, as jax and flax leave out theirs; a function that is an
+# `api_boundary` filters the traceback of an error raised below it.
+_register_exclusion, api_boundary = _traceback_util()
+_register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+jex_source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _trace_context() -> Any:
@@ -307,6 +329,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
         cache.popitem(last=False)
     return traced(leaves, consts)
 
+  checkpointed = api_boundary(checkpointed)
   checkpointed.__wrapped__ = fn  # type: ignore[attr-defined]
   return checkpointed
 
