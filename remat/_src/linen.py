@@ -6,7 +6,7 @@ collections and its PRNG streams into explicit arguments of a pure function
 that returns its output and the repacked (mutated) collections, and
 ``lift_transform`` turns a function-of-scopes transform into a Module-class
 transform. ``flax.linen.remat`` puts ``jax.checkpoint`` in the middle; we put
-``remat.checkpoint`` (a ``custom_vjp`` whose backward recomputes behind an
+``remat.checkpoint`` (whose custom backward pass recomputes behind an
 ``optimization_barrier`` that includes the cotangent). Because the RNG keys
 and the variables are arguments, the recomputation sees the same keys (same
 dropout masks) and the collections are updated once, from the forward pass.
