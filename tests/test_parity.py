@@ -124,6 +124,18 @@ def test_higher_order_in_every_direction_and_non_float_outputs():
   assert out["n"] == 4 and tan["n"].dtype == jax.dtypes.float0 and out["none"] is None
 
 
+@pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.everything_saveable],
+                         ids=["nothing_saved", "everything_saved"])
+def test_inside_jax_checkpoint_both_modes(policy):
+  f = lambda x: jnp.sin(jnp.sin(x)) * x  # noqa: E731
+  g = jax.checkpoint(lambda x: remat.checkpoint(f)(x) ** 2, policy=policy)
+  g0 = lambda x: f(x) ** 2  # noqa: E731
+  x = jnp.linspace(0.0, 1.0, 5)
+  close(jax.jit(jax.grad(lambda x: g(x).sum()))(x), jax.grad(lambda x: g0(x).sum())(x), tol=1e-6)
+  close(jax.jvp(g, (x,), (x,)), jax.jvp(g0, (x,), (x,)), tol=1e-6)
+  close(jax.linearize(g, x)[1](x), jax.jvp(g0, (x,), (x,))[1], tol=1e-6)
+
+
 def test_jvp_compiles_to_the_same_program_as_jax_checkpoint():
   # Forward mode costs what jax.checkpoint's does: no extra evaluations survive compilation.
   ws = [jax.ShapeDtypeStruct((32, 32), jnp.float32)] * 8
