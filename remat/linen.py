@@ -6,7 +6,7 @@ Example:
   >>> CheckpointedDense = remat.linen.checkpoint(nn.Dense)
 """
 
-from remat._src.linen import checkpoint
+from remat._src.linen import TransformTargetError, checkpoint
 from remat._src.linen_sequential import Sequential
 
-__all__ = ["Sequential", "checkpoint"]
+__all__ = ["TransformTargetError", "Sequential", "checkpoint"]

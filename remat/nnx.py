@@ -6,7 +6,7 @@ Example:
   >>> f = remat.nnx.checkpoint(lambda m, x: m(x))
 """
 
-from remat._src.nnx import checkpoint
+from remat._src.nnx import BoundMethodError, checkpoint
 from remat._src.nnx_sequential import Sequential
 
-__all__ = ["Sequential", "checkpoint"]
+__all__ = ["BoundMethodError", "Sequential", "checkpoint"]

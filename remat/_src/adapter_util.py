@@ -8,12 +8,28 @@ import numpy as np
 from remat._src import transform as transform_lib
 
 
+api_boundary = transform_lib.api_boundary  # errors below an adapter's wrapper show the user's frames
+
+
 def validate_passthrough(api: str, **options) -> None:
   """``remat.checkpoint``'s checks of the options an adapter passes on, naming ``api``."""
+  prevent_cse = options.get("prevent_cse", True)
+  if not isinstance(prevent_cse, bool):
+    # Per-argument flags would count the adapter's own leading arguments (variables, RNG state).
+    raise TypeError(
+        f"the `prevent_cse` argument to {api} must be a bool, as for `nn.remat` and "
+        f"`nnx.remat`, but got {prevent_cse!r}. Per-argument flags are an option of "
+        "`remat.checkpoint` on a plain function.")
   try:
     transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
   except (TypeError, ValueError) as e:
     raise type(e)(str(e).replace("`remat.checkpoint`", api)) from None
+
+
+def check_flag(api: str, name: str, value) -> None:
+  """A keyword option that must be a bool."""
+  if not isinstance(value, bool):
+    raise TypeError(f"the `{name}` argument to {api} must be a bool, but got {value!r}.")
 
 
 def auto_static(x) -> bool:

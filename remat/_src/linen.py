@@ -6,7 +6,7 @@ collections and its PRNG streams into explicit arguments of a pure function
 that returns its output and the repacked (mutated) collections, and
 ``lift_transform`` turns a function-of-scopes transform into a Module-class
 transform. ``flax.linen.remat`` puts ``jax.checkpoint`` in the middle; we put
-``remat.checkpoint`` (a ``custom_vjp`` whose backward recomputes behind an
+``remat.checkpoint`` (whose custom backward pass recomputes behind an
 ``optimization_barrier`` that includes the cotangent). Because the RNG keys
 and the variables are arguments, the recomputation sees the same keys (same
 dropout masks) and the collections are updated once, from the forward pass.
@@ -18,7 +18,8 @@ Differences from ``flax.linen.remat``, all on purpose:
   checkpointing load unchanged even without an explicit ``name``;
 * Python ``bool``, ``str`` and ``None`` arguments are static automatically
   (a ``train``/``deterministic`` flag needs no ``static_argnums``);
-* bad arguments raise errors that say what to change.
+* bad arguments raise errors that say what to change (in types that are also
+  flax's: a bad target raises a ``flax.errors.TransformTargetError``).
 
 The core transform knows nothing of Flax; all Flax code is here.
 """
@@ -31,6 +32,7 @@ import inspect
 from typing import Any, Callable, Sequence
 
 import jax
+from flax import errors as flax_errors
 from flax import linen as nn
 from flax.core import lift
 from flax.linen import transforms as linen_transforms
@@ -40,6 +42,21 @@ from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
 
 _API = "`remat.linen.checkpoint`"
+
+
+class TransformTargetError(TypeError, flax_errors.TransformTargetError):
+  """``remat.linen.checkpoint`` was given something other than a Module class or a method.
+
+  Also a ``flax.errors.TransformTargetError`` (what ``nn.remat`` raises for a
+  Module instance) and a ``TypeError`` (what earlier versions raised); the
+  message says what was given and what to pass instead.
+  """
+
+  def __init__(self, message: str):
+    Exception.__init__(self, message)  # flax's __init__ would replace the message
+
+  def __reduce__(self):
+    return (type(self), (str(self),))
 
 
 ### Main API
@@ -55,6 +72,7 @@ def checkpoint(
     methods: Sequence[str] | None = None,
     variables: Any = True,
     rngs: Any = True,
+    auto_static: bool = True,
 ) -> type[nn.Module]:
   """Checkpoints a ``flax.linen`` Module class; a drop-in for ``flax.linen.remat``.
 
@@ -83,7 +101,7 @@ def checkpoint(
       counting ``self`` as 0 as ``flax.linen.remat`` does: for
       ``__call__(self, x, train)`` use ``static_argnums=(2,)``. Python
       ``bool``, ``str`` and ``None`` arguments are static without being
-      listed.
+      listed, unless ``auto_static=False``.
     policy: optional ``jax.checkpoint_policies`` policy naming the
       intermediates to keep (selective recomputation); passed to
       :func:`remat.checkpoint`.
@@ -91,19 +109,25 @@ def checkpoint(
       :func:`remat.checkpoint`. Its ``argnums``/``exclude_argnums`` count
       ``self`` as 0, like ``static_argnums``; the module's variables and RNG
       keys never move.
-    prevent_cse: passed to :func:`remat.checkpoint`.
+    prevent_cse: a bool, passed to :func:`remat.checkpoint`.
     methods: names of the methods to checkpoint; default ``("__call__",)``.
     variables: the variable collections lifted into the checkpointed function
       (a flax collection filter; default all).
     rngs: the PRNG streams lifted (a flax filter; default all).
+    auto_static: make Python ``bool``/``str``/``None`` arguments static
+      (default). ``False`` passes them on as ``nn.remat`` does with
+      ``static_argnums=()``: bools become traced boolean arrays, so a method
+      that branches on one in Python needs ``static_argnums``.
 
   Returns:
     A Module class with the same fields, name and parameter tree (or, for a
     method, the checkpointed method).
 
   Raises:
-    TypeError: if ``module_cls`` is neither a Module class nor a method, ``static_argnums`` is
-      not an int or tuple of ints, ``methods`` is not a sequence of names, or
+    TransformTargetError: if ``module_cls`` is neither a Module class nor a
+      method (a ``flax.errors.TransformTargetError`` and a ``TypeError``).
+    TypeError: if ``static_argnums`` is not an int or tuple of ints, ``methods`` is not a
+      sequence of names, ``prevent_cse`` or ``auto_static`` is not a bool, or
       (at call time) a static argument is an array.
     ValueError: if ``static_argnums`` contains ``0`` (``self``) or a negative
       index, ``methods`` names a method the class does not have, or ``methods``
@@ -130,10 +154,11 @@ def checkpoint(
   nums = _check_static_argnums(static_argnums)
   # Check the remaining options once, where the user can see them.
   adapter_util.validate_passthrough(_API, policy=policy, offload=offload, prevent_cse=prevent_cse)
+  adapter_util.check_flag(_API, "auto_static", auto_static)
   lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
                              static_argnums=tuple(i - 1 for i in nums),  # no `self`
                              policy=policy, offload=_shift_offload(offload),
-                             prevent_cse=prevent_cse)
+                             prevent_cse=prevent_cse, auto_static=auto_static)
   lifted.__name__ = "checkpoint"  # type: ignore[attr-defined]
 
   if _is_method(module_cls):  # `@remat.linen.checkpoint` on a method in a class body
@@ -164,7 +189,7 @@ def checkpoint(
 
 
 def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, prevent_cse,
-                     method_name="__call__"):
+                     auto_static=True, method_name="__call__"):
   """``flax.core.lift.checkpoint`` with ``remat.checkpoint`` in place of ``jax.checkpoint``."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
@@ -183,8 +208,9 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
             f"({_describe(args[i])}). Static arguments must be hashable Python values; "
             "drop this index from `static_argnums` to pass the array normally.")
       static.add(i)
-    static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
-    static_kwargs = {k: v for k, v in kwargs.items() if adapter_util.auto_static(v)}
+    if auto_static:
+      static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
+    static_kwargs = {k: v for k, v in kwargs.items() if auto_static and adapter_util.auto_static(v)}
     dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_kwargs}
 
     def rematted(variable_groups, rng_groups, *args, **dyn_kwargs):
@@ -256,7 +282,7 @@ def _check_module_class(module_cls) -> type[nn.Module]:
             "`remat.linen.checkpoint(MyModule, methods=['encode'])`")
   else:
     hint = f"got {base!r} of type {type(base).__name__}"
-  raise TypeError(
+  raise TransformTargetError(
       f"{_API} expects a `flax.linen.Module` subclass, but {hint}. For a plain "
       "function of arrays use `remat.checkpoint`; for NNX modules use "
       "`remat.nnx.checkpoint`.")

@@ -10,6 +10,11 @@ middle. The RNG stream's key and count are inputs, so the recomputation in the
 backward pass draws the same dropout masks, and the count advances exactly
 once, as without checkpointing.
 
+``graph=False`` (tree mode) and ``graph_updates=False`` follow ``nnx.remat``'s
+other composition: flax's own ``SimpleRematFn`` (modules as pytrees, changed
+``Variable``s returned as updates and written back after the call) with
+``remat.checkpoint`` in place of ``jax.checkpoint``.
+
 The core transform knows nothing of Flax; all Flax code is here.
 """
 
@@ -34,6 +39,30 @@ _API = "`remat.nnx.checkpoint`"
 _CTXTAG = "remat"
 
 
+def _flax_tree_mode():
+  """flax's pieces of ``nnx.remat``'s tree mode: ``flax.nnx.extract`` and ``SimpleRematFn``.
+
+  # private API: move to compat.py
+  """
+  try:
+    from flax.nnx import extract
+    from flax.nnx.transforms.autodiff import SimpleRematFn
+  except ImportError as e:  # pragma: no cover - depends on the flax version
+    raise NotImplementedError(
+        f"{_API}(graph=False) / (graph_updates=False) reuses flax's tree-mode remat "
+        f"(`flax.nnx.transforms.autodiff.SimpleRematFn`), which this flax version lacks ({e}). "
+        "Use the default graph mode, or flax >= 0.12.8.") from e
+  return extract, SimpleRematFn
+
+
+class BoundMethodError(TypeError, ValueError):
+  """``remat.nnx.checkpoint`` was given a bound method of a Module instance.
+
+  A ``ValueError``, as ``flax.nnx.remat`` raises for bound methods, and a
+  ``TypeError``, as earlier versions of ``remat.nnx.checkpoint`` raised.
+  """
+
+
 ### Main API
 
 
@@ -44,6 +73,9 @@ def checkpoint(
     policy: Callable[..., bool] | None = None,
     offload: Any = None,
     prevent_cse: bool = True,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+    auto_static: bool = True,
 ) -> rt.F:
   """Checkpoints a function of NNX modules; a drop-in for ``flax.nnx.remat``.
 
@@ -67,20 +99,33 @@ def checkpoint(
     static_argnums: positions of static arguments of ``f`` (for a method,
       ``self`` is 0), as in ``nnx.remat``. Python ``bool``, ``str`` and
       ``None`` arguments are static without being listed (so a
-      ``deterministic=`` flag works).
+      ``deterministic=`` flag works), unless ``auto_static=False``.
     policy: optional ``jax.checkpoint_policies`` policy naming intermediates to
       keep; passed to :func:`remat.checkpoint`.
     offload: optional ``remat.offload`` policy, passed to
       :func:`remat.checkpoint`.
-    prevent_cse: passed to :func:`remat.checkpoint`.
+    prevent_cse: a bool, passed to :func:`remat.checkpoint`.
+    graph: as in ``nnx.remat``: ``True`` (graph mode: shared references and
+      reference semantics) or ``False`` (tree mode: modules are treated as
+      pytrees; shared ``Variable``s are not supported). ``None`` reads
+      ``nnx.set_graph_mode``'s current value when decorating.
+    graph_updates: as in ``nnx.remat``: whether changes to the graph
+      structure made inside the function propagate to the inputs (no effect
+      when ``graph=False``). ``None`` reads ``nnx.set_graph_updates``.
+    auto_static: make Python ``bool``/``str``/``None`` arguments static
+      (default). ``False`` passes them on as ``nnx.remat`` does with
+      ``static_argnums=()``: bools become traced boolean arrays.
 
   Returns:
     The checkpointed function, with ``f``'s name and docstring.
 
   Raises:
-    TypeError: if ``f`` is not callable (for example a Module instance's bound
-      method or a Module class), ``static_argnums`` is not an int or tuple of
-      ints, or at call time a static argument is an array or a Module.
+    BoundMethodError: if ``f`` is a Module instance's bound method (a
+      ``ValueError`` as in ``nnx.remat``, and a ``TypeError``).
+    TypeError: if ``f`` is not callable (or is a Module class or instance),
+      ``static_argnums`` is not an int or tuple of ints, ``graph``,
+      ``graph_updates``, ``auto_static`` or ``prevent_cse`` is not a bool, or
+      at call time a static argument is an array or a Module.
     ValueError: if a static argument index is out of range.
 
   Example:
@@ -101,12 +146,22 @@ def checkpoint(
   """
   nums = _check_static_argnums(static_argnums)
   adapter_util.validate_passthrough(_API, policy=policy, offload=offload, prevent_cse=prevent_cse)
+  adapter_util.check_flag(_API, "auto_static", auto_static)
+  if graph is None:
+    graph = nnx.set_graph_mode.current_value()
+  if graph_updates is None:
+    graph_updates = nnx.set_graph_updates.current_value()
+  adapter_util.check_flag(_API, "graph", graph)
+  adapter_util.check_flag(_API, "graph_updates", graph_updates)
   if f is None:
     return functools.partial(checkpoint, static_argnums=nums, policy=policy,  # type: ignore[return-value]
-                             offload=offload, prevent_cse=prevent_cse)
+                             offload=offload, prevent_cse=prevent_cse, graph=graph,
+                             graph_updates=graph_updates, auto_static=auto_static)
   _check_callable(f)
   _check_static_in_range(nums, f)
   options = dict(policy=policy, offload=offload, prevent_cse=prevent_cse)
+  tree_mode = not graph or not graph_updates
+  transformed: dict[tuple[int, ...], Callable] = {}  # one per set of static positions
 
   @functools.wraps(f)
   def checkpointed(*args, **kwargs):
@@ -126,55 +181,51 @@ def checkpoint(
             "Python values; drop this index from `static_argnums` (arrays and modules "
             "are passed as traced state).")
       static.add(j)
-    static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
-    return _transformed(f, tuple(sorted(static)), **options)(*args)
+    if auto_static:
+      static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
+    key = tuple(sorted(static))
+    call = transformed.get(key)
+    if call is None:
+      call = transformed[key] = (_tree_transformed(f, key, graph=graph, **options) if tree_mode
+                                 else _graph_transformed(f, key, **options))
+    return call(*args)
 
-  return checkpointed  # type: ignore[return-value]
+  return adapter_util.api_boundary(checkpointed)  # type: ignore[return-value]
 
 
 ### Implementation
 
 
-def _transformed(f, static, *, policy, offload, prevent_cse):
-  """``nnx.remat``'s composition with ``remat.checkpoint`` in place of ``jax.checkpoint``.
+def _graph_transformed(f, static, *, policy, offload, prevent_cse):
+  """``nnx.remat``'s graph-mode composition with ``remat.checkpoint`` in place of ``jax.checkpoint``.
 
   ``merge_inputs`` returns the state of every module argument after the call,
-  changed or not. ``jax.checkpoint`` forwards unchanged values for free, but
-  every output of a ``custom_vjp`` gets a cotangent in the backward pass (a
-  zero array the size of each parameter, kept alive by the barrier). So while
-  tracing we note which output leaves are the very input tracers (unchanged
-  ``Param``s), return only the others from the checkpointed function, and
-  hand the caller the inputs themselves in their place.
+  changed or not; ``remat.checkpoint`` hands back unchanged inputs without
+  making them outputs of the checkpoint (they would get zero cotangents).
   """
   merged = general.merge_inputs(f, ctxtag=_CTXTAG)
-  record: list[tuple[Any, list[int | None]]] = []
-
-  def traced(*pure_args):
-    pure_args_out, out = merged(*pure_args)
-    index = {id(leaf): i for i, leaf in enumerate(jax.tree_util.tree_leaves(pure_args))
-             if isinstance(leaf, jax.core.Tracer)}
-    leaves, treedef = jax.tree_util.tree_flatten(pure_args_out)
-    source = [index.get(id(leaf)) if isinstance(leaf, jax.core.Tracer) else None
-              for leaf in leaves]
-    record.append((treedef, source))
-    return [leaf for leaf, j in zip(leaves, source, strict=True) if j is None], out
-
-  traced.__name__ = getattr(f, "__name__", "f")
-  inner = transform_lib.checkpoint(traced, static_argnums=static, policy=policy,
+  inner = transform_lib.checkpoint(merged, static_argnums=static, policy=policy,
                                    offload=offload, prevent_cse=prevent_cse)
+  return graphlib.update_context(_CTXTAG)(general.split_inputs(inner, ctxtag=_CTXTAG))
 
-  def call(*pure_args):
-    record.clear()
-    changed, out = inner(*pure_args)
-    if not record:  # `remat.checkpoint` traces the function on every call
-      raise RuntimeError(f"{_API}: internal error, the checkpointed function was not traced.")
-    treedef, source = record[-1]
-    in_leaves = jax.tree_util.tree_leaves(pure_args)
-    changed = iter(changed)
-    leaves = [next(changed) if j is None else in_leaves[j] for j in source]
-    return jax.tree_util.tree_unflatten(treedef, leaves), out
 
-  return graphlib.update_context(_CTXTAG)(general.split_inputs(call, ctxtag=_CTXTAG))
+def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):
+  """``nnx.remat``'s tree-mode composition (``graph=False`` or ``graph_updates=False``)."""
+  extract, simple_remat_fn = _flax_tree_mode()
+  inner = transform_lib.checkpoint(simple_remat_fn(f, graph=graph), static_argnums=static,
+                                   policy=policy, offload=offload, prevent_cse=prevent_cse)
+
+  def call(*args):
+    if graph:
+      args = extract.to_tree2(args)
+    variables = extract.check_no_aliases("remat", args=args, kwargs={})
+    out, updates = inner(*args)
+    if graph:
+      out = extract.from_tree2(out)
+    extract.apply_updates(variables, updates)
+    return out
+
+  return call
 
 
 def _name(f) -> str:
@@ -207,8 +258,12 @@ def _check_callable(f):
     raise TypeError(
         f"{_API} expects a callable (a function of NNX modules or an unbound method), "
         f"but got {f!r} of type {type(f).__name__}.")
-  if inspect.ismethod(f) and isinstance(f.__self__, nnx.Module):
-    raise TypeError(
+  unbound = f
+  while isinstance(unbound, functools.partial):
+    unbound = unbound.func
+  if inspect.ismethod(unbound) and isinstance(unbound.__self__, nnx.Module):
+    f = unbound
+    raise BoundMethodError(
         f"{_API} got the bound method `{_name(f)}` of a Module instance; NNX transforms "
         "need the module as an argument so its state can be tracked. Wrap the unbound "
         f"function instead: `remat.nnx.checkpoint(type(m).{f.__name__})(m, ...)` or "

@@ -1,32 +1,79 @@
-"""``remat.checkpoint``: activation checkpointing as a ``jax.custom_vjp``.
+"""``remat.checkpoint``: activation checkpointing with a custom backward pass.
 
 The forward pass keeps only the inputs of the wrapped function (or, with a
 policy, the intermediates the policy names); the backward pass recomputes the
-rest under ``jax.vjp``. Two details make the saving real on every backend:
+rest under ``jax.vjp``. Three details make it work everywhere:
 
 * the residuals *and the incoming cotangent* pass through one
   ``optimization_barrier`` before the recomputation, so the compiler cannot
   hoist the recomputation back into the forward pass (docs/facts.md, fact 2);
 * closed-over traced values (``lambda x: f(params, x)`` under ``jax.grad``
-  with respect to ``params``) are hoisted into explicit inputs with
-  ``jax.closure_convert``, so they receive cotangents.
+  with respect to ``params``) are hoisted into explicit inputs, so they
+  receive cotangents;
+* the forward/backward pair is what a ``jax.custom_vjp`` would hold, but it is
+  installed as a ``jax.custom_jvp`` whose tangent is one linear equation
+  (``remat/_src/tangent.py``): transposed it is the backward pass above,
+  evaluated it is the forward-mode derivative, so ``jax.jvp``,
+  ``jax.linearize`` and ``jax.jacfwd`` work as with ``jax.checkpoint``.
+
+Each wrapper caches its traces by input avals, static arguments and jax's
+tracing context, as ``jax.checkpoint`` does, so eager calls trace once.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
+from jax.custom_derivatives import SymbolicZero, zero_from_primal
+from jax.extend import core as jex_core
+from jax.extend import source_info_util as jex_source_info
 
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
+from remat._src import tangent as tangent_lib
 from remat._src.signature import positional_arity
 
 _API = "`remat.checkpoint`"
+
+
+def _traceback_util():
+  """jax's traceback filtering: ``(register_exclusion, api_boundary)``; no-ops if jax moves them.
+
+  # private API: move to compat.py
+  """
+  try:
+    from jax._src import traceback_util
+    return traceback_util.register_exclusion, traceback_util.api_boundary
+  except (ImportError, AttributeError):
+    return (lambda path: None), (lambda fun: fun)
+
+
+# remat's own frames (everything under remat/_src) are left out of filtered tracebacks and of
+# the user frame recorded in jaxprs, as jax and flax leave out theirs; a function that is an
+# `api_boundary` filters the traceback of an error raised below it.
+_register_exclusion, api_boundary = _traceback_util()
+_register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+jex_source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trace_context() -> Any:
+  """jax's tracing context (x64, matmul precision, mesh, named axes): part of every trace-cache key.
+
+  # private API: move to compat.py
+  """
+  try:
+    from jax._src import config as jax_config
+    return jax_config.trace_context()
+  except (ImportError, AttributeError):  # keep caching correct for the public flags at least
+    return (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+            jax.config.jax_numpy_rank_promotion)
 
 
 class RecomputationMismatchError(RuntimeError):
@@ -43,7 +90,7 @@ def checkpoint(
     static_argnums: int | Sequence[int] = (),
     policy: Callable[..., bool] | None = None,
     offload: Any = None,
-    prevent_cse: bool = True,
+    prevent_cse: bool | Sequence[Any] = True,
     check_determinism: bool = False,
 ) -> rt.F:
   """Checkpoints ``fn``: keep its inputs, recompute its internals when differentiating.
@@ -52,7 +99,13 @@ def checkpoint(
   stores only its inputs for the backward pass; the backward pass runs the
   function again under ``jax.vjp`` and uses the recomputed intermediates. The
   result is numerically the same as without checkpointing; memory for the
-  intermediates is traded for one more forward evaluation.
+  intermediates is traded for one more forward evaluation. Forward mode
+  (``jax.jvp``, ``jax.linearize``, ``jax.jacfwd``) works as with
+  ``jax.checkpoint``, also through ``jit``, ``scan`` and ``while_loop``.
+
+  Each call with new input shapes/dtypes or static values traces ``fn`` once;
+  later calls reuse the trace (values ``fn`` closes over are read then, as in
+  ``jax.checkpoint``; closed-over tracers are never kept).
 
   Randomness must come in through PRNG-key arguments (see ``remat.rng``): the
   recomputation then sees the same keys and draws the same dropout masks.
@@ -80,6 +133,10 @@ def checkpoint(
     prevent_cse: put the residuals and the cotangent through one
       ``optimization_barrier`` before recomputing (keep ``True`` unless the
       call sits in a ``lax.scan`` body on a backend that does not need it).
+      As in ``jax.checkpoint``, a tuple gives one bool (or pytree of bools)
+      per dynamic positional argument (static ones are not counted): inputs
+      marked ``False``, and closed-over values, stay out of the barrier; the
+      cotangent always goes through.
     check_determinism: debugging aid. When differentiated, the forward pass
       runs ``fn`` a second time and raises :class:`RecomputationMismatchError`
       if the outputs differ bit for bit (for example randomness that does not
@@ -92,9 +149,11 @@ def checkpoint(
 
   Raises:
     TypeError: if ``fn`` is not callable, ``static_argnums`` is not an int or
-      a sequence of ints, ``policy`` is not callable, or at call time a static
-      argument is not hashable.
-    ValueError: if a static argument index is out of range for ``fn``.
+      a sequence of ints, ``policy`` is not callable, ``prevent_cse`` is
+      neither a bool nor a tuple of bools, or at call time a static argument
+      is not hashable.
+    ValueError: if a static argument index is out of range for ``fn``, or a
+      ``prevent_cse`` tuple does not match the arguments of a call.
 
   Example:
 
@@ -151,14 +210,59 @@ def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_det
         f"{type(policy).__name__}.")
   if offload is not None:
     offload_lib.validate_offload(offload, api=_API)
-  if not isinstance(prevent_cse, bool):
-    raise TypeError(f"the `prevent_cse` argument to {_API} must be a bool, but got {prevent_cse!r}.")
+  prevent_cse = _check_prevent_cse(prevent_cse)
   if not isinstance(check_determinism, bool):
     raise TypeError(
         f"the `check_determinism` argument to {_API} must be a bool, but got "
         f"{check_determinism!r}.")
   return dict(static_argnums=nums, policy=policy, offload=offload,
               prevent_cse=prevent_cse, check_determinism=check_determinism)
+
+
+def _check_prevent_cse(prevent_cse) -> bool | tuple:
+  """``True``/``False``, or a tuple of pytrees of bools (one entry per dynamic positional argument)."""
+  if isinstance(prevent_cse, bool):
+    return prevent_cse
+  if isinstance(prevent_cse, (list, tuple)):
+    flags = jax.tree_util.tree_leaves(prevent_cse)
+    if all(isinstance(f, (bool, np.bool_)) for f in flags):
+      return tuple(jax.tree_util.tree_map(bool, tuple(prevent_cse)))
+  raise TypeError(
+      f"the `prevent_cse` argument to {_API} must be a bool, or a tuple with one bool (or pytree "
+      f"of bools) per dynamic positional argument as in `jax.checkpoint`, but got "
+      f"{prevent_cse!r}. For `f(x, w)` use e.g. `prevent_cse=(False, True)` to leave `x` out "
+      "of the barrier.")
+
+
+def _cse_flags(prevent_cse, dyn_args, kwargs, num_leaves, num_consts, fn) -> tuple[bool, ...] | None:
+  """One flag per flat input leaf (then per hoisted constant): which go through the barrier.
+
+  ``None`` means no barrier at all (``prevent_cse=False``). A tuple is matched
+  as ``jax.checkpoint`` matches it: as a pytree prefix of the dynamic
+  positional arguments (of ``(args, kwargs)`` when there are keyword
+  arguments); closed-over values are left out of the barrier.
+  """
+  if prevent_cse is False:
+    return None
+  if prevent_cse is True:
+    return (True,) * (num_leaves + num_consts)
+  target = (tuple(dyn_args), kwargs) if kwargs else tuple(dyn_args)
+  try:
+    full = jax.tree.broadcast(prevent_cse, target)
+  except ValueError as e:
+    raise ValueError(
+        f"the `prevent_cse` argument to {_API} must be a pytree prefix of the dynamic "
+        f"positional arguments of {getattr(fn, '__name__', fn)!r} (static arguments are not "
+        f"counted, as in `jax.checkpoint`), but got {prevent_cse!r} for a call with "
+        f"{len(dyn_args)} dynamic positional argument(s)"
+        f"{' and keyword arguments ' + repr(sorted(kwargs)) if kwargs else ''}. "
+        f"Give one bool per argument. ({e})") from None
+  flags = tuple(jax.tree_util.tree_leaves(full))
+  assert len(flags) == num_leaves, (flags, num_leaves)
+  return flags + (False,) * num_consts
+
+
+_CACHE_SIZE = 128  # traces kept per checkpointed function (input shapes, static values)
 
 
 def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, check_determinism):
@@ -175,11 +279,13 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
           f"the `static_argnums` argument to {_API} is out of range: got "
           f"{static_argnums!r}, but {getattr(fn, '__name__', fn)!r} takes "
           f"{arity} positional argument(s). Use indices in [{-arity}, {arity}).")
+  options = dict(policy=policy, offload=offload, check_determinism=check_determinism)
+  cache: collections.OrderedDict[Any, _Traced] = collections.OrderedDict()
 
   @functools.wraps(fn)
   def checkpointed(*args, **kwargs):
     nums = _normalize_static(static_argnums, len(args), fn)
-    static = {i: args[i] for i in nums}
+    static = {i: args[i] for i in sorted(nums)}
     for i, v in static.items():
       try:
         hash(v)
@@ -192,24 +298,83 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     dyn_args = tuple(a for i, a in enumerate(args) if i not in static)
     leaves, in_tree = jax.tree_util.tree_flatten((dyn_args, kwargs))
     leaves = [_as_array(x) for x in leaves]
-    origins = _leaf_origins(dyn_args, kwargs, [i for i in range(len(args)) if i not in static])
+    key = (len(args), tuple((i, type(v), v) for i, v in static.items()), in_tree,
+           tuple(jax.typeof(x) for x in leaves), _trace_context())
+    traced = cache.get(key)
+    if traced is not None:
+      cache.move_to_end(key)
+      return traced(leaves, ())
+    traced, consts = _trace(fn, static, len(args), in_tree, leaves, **options)
+    traced.cse = _cse_flags(prevent_cse, dyn_args, kwargs, len(leaves), len(consts), fn)
+    traced.origins = (_leaf_origins(dyn_args, kwargs, [i for i in range(len(args)) if i not in static])
+                      + (None,) * len(consts))
+    if not consts:  # closed-over tracers belong to one trace: never keep them
+      cache[key] = traced
+      if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return traced(leaves, consts)
 
-    def flat_fn(*flat):
-      d_args, d_kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
-      it = iter(d_args)
-      full = [static[i] if i in static else next(it) for i in range(len(args))]
-      return fn(*full, **d_kwargs)
-
-    converted, consts = jax.closure_convert(flat_fn, *leaves)
-    converted = _fresh_name_stack(converted)
-    call = _build_custom_vjp(converted, policy=policy, offload=offload,
-                             prevent_cse=prevent_cse, check_determinism=check_determinism,
-                             name=getattr(fn, "__name__", "fn"),
-                             origins=origins + (None,) * len(consts))
-    return call(*leaves, *consts)
-
+  checkpointed = api_boundary(checkpointed)
   checkpointed.__wrapped__ = fn  # type: ignore[attr-defined]
   return checkpointed
+
+
+def _trace(fn, static, nargs, in_tree, leaves, **options) -> tuple[_Traced, list[Any]]:
+  """Traces ``fn`` once for these input types; returns the trace and the closed-over tracers.
+
+  Closed-over tracers (``lambda x: f(params, x)`` with traced ``params``)
+  become extra inputs, so that they are differentiated; closed-over concrete
+  arrays stay constants of the trace, as in ``jax.checkpoint``.
+  """
+
+  def flat_fn(*flat):
+    d_args, d_kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
+    it = iter(d_args)
+    full = [static[i] if i in static else next(it) for i in range(nargs)]
+    return fn(*full, **d_kwargs)
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
+  out_tree = jax.tree_util.tree_structure(out_shape)
+  jaxpr = closed.jaxpr
+  is_tracer = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+  consts = [c for c, t in zip(closed.consts, is_tracer, strict=True) if t]
+  kept = [c for c, t in zip(closed.consts, is_tracer, strict=True) if not t]
+  hoisted_vars = [v for v, t in zip(jaxpr.constvars, is_tracer, strict=True) if t]
+  kept_vars = [v for v, t in zip(jaxpr.constvars, is_tracer, strict=True) if not t]
+  # Outputs that are inputs, unchanged, are handed back as they are: as outputs of the
+  # checkpoint they would each get a cotangent (a zero array kept alive by the barrier).
+  position = {v: i for i, v in enumerate([*jaxpr.invars, *hoisted_vars])}
+  forwarded = [position.get(v) if not isinstance(v, jex_core.Literal) else None for v in jaxpr.outvars]
+  jaxpr = jaxpr.replace(constvars=kept_vars, invars=[*jaxpr.invars, *hoisted_vars],
+                        outvars=[v for v, j in zip(jaxpr.outvars, forwarded, strict=True) if j is None])
+
+  converted = _fresh_name_stack(lambda *flat: jax.core.eval_jaxpr(jaxpr, kept, *flat))
+
+  name = getattr(fn, "__name__", "fn")
+  return _Traced(converted, out_tree, forwarded, name=name, **options), consts
+
+
+class _Traced:
+  """One trace of a checkpointed function: call it with the flat inputs and hoisted constants."""
+
+  def __init__(self, converted, out_tree, forwarded, *, name, policy, offload, check_determinism):
+    self.converted = converted
+    self.out_tree = out_tree
+    self.forwarded = forwarded
+    self.name = name
+    self.options = dict(policy=policy, offload=offload, check_determinism=check_determinism)
+    self.cse: tuple[bool, ...] | None = None
+    self.origins: tuple[int | str | None, ...] = ()
+    self._call = None
+
+  def __call__(self, leaves, consts):
+    if self._call is None:
+      self._call = _build_call(self.converted, prevent_cse=self.cse, name=self.name,
+                               origins=self.origins, **self.options)
+    flat = [*leaves, *consts]
+    outs = iter(self._call(*flat) if any(j is None for j in self.forwarded) else ())
+    out = [flat[j] if j is not None else next(outs) for j in self.forwarded]
+    return jax.tree_util.tree_unflatten(self.out_tree, out)
 
 
 def _normalize_static(static_argnums, nargs, fn):
@@ -318,38 +483,115 @@ def _fresh_name_stack(converted):
   return run
 
 
-def _build_custom_vjp(converted, *, policy, offload, prevent_cse, check_determinism, name,
-                      origins=None):
-  """A custom_vjp over flat inputs that recomputes ``converted`` in the backward pass."""
+def _build_call(converted, *, policy, offload, prevent_cse, check_determinism, name, origins=None):
+  """``converted`` over flat inputs, recomputed in the backward pass.
 
-  @jax.custom_vjp
-  def call(*flat):
-    return converted(*flat)
+  The forward rule ``fwd`` and the backward rule ``bwd`` are a custom_vjp's;
+  they are installed as a ``jax.custom_jvp`` whose output tangent is one
+  ``remat_tangent`` equation (``tangent.py``): transposing it runs ``bwd``,
+  evaluating it runs ``jax.jvp`` from the residuals. ``prevent_cse`` is
+  ``None`` (no barrier) or one flag per flat input.
+  """
 
-  def fwd(*flat):
+  def fwd(flat):
     if policy is None:
       out = converted(*flat)
-      res = flat
+      res = list(flat)
     else:
       inner = jax.checkpoint(converted, policy=policy, prevent_cse=False)
       out, res = jax.vjp(inner, *flat)
     if check_determinism:
       again = converted(*_barrier(flat))
       _check_outputs(name, out, again)
+    res_leaves = jax.tree_util.tree_leaves(res)
+    if prevent_cse is None:
+      cse = None
+    else:  # an input kept as a residual keeps its flag; a value the policy saved goes through
+      flag = {id(x): f for x, f in zip(flat, prevent_cse, strict=True)}
+      cse = tuple(flag.get(id(r), True) for r in res_leaves)
     if offload is not None:
       res = offload.to_host(res, inputs=flat, origins=origins)
-    return out, res
+    return out, res, cse
 
-  def bwd(res, ct):
+  def bwd(res, ct, cse):
     if offload is not None:
       res = offload.to_device(res)
-    if prevent_cse:
-      res, ct = _barrier((res, ct))
+    if cse is not None:
+      res, ct = _barrier_some(res, cse, ct)
     if policy is None:
       _, vjp_fn = jax.vjp(converted, *res)
     else:
       vjp_fn = res
-    return tuple(vjp_fn(ct))
+    return list(vjp_fn(ct))
 
-  call.defvjp(fwd, bwd)
+  def jvp_from_residuals(res, in_tangents, out_avals):
+    """The output tangents, computed from the residuals alone (forward mode)."""
+    if offload is not None:
+      res = offload.to_device(res)
+    if policy is None:
+      return jax.jvp(converted, list(res), in_tangents)[1]
+    # The residuals of a policy are a backward pass: its transpose is the forward map.
+    lin = jax.linear_transpose(lambda *ct: list(res(list(ct))), *out_avals)
+    return lin(list(in_tangents))
+
+  @jax.custom_jvp
+  def call(*flat):
+    return converted(*flat)
+
+  def rule(primals, tangents):
+    out, res, cse = fwd(primals)
+    in_nz = [not isinstance(t, SymbolicZero) and _tangent_dtype(t) != jax.dtypes.float0
+             for t in tangents]
+    out_avals = [jax.typeof(o).to_tangent_aval() for o in out]
+    out_nz = [a.dtype != jax.dtypes.float0 for a in out_avals]
+    if not any(in_nz) or not any(out_nz):
+      return out, [zero_from_primal(o, symbolic_zeros=True) for o in out]
+    in_avals = [jax.typeof(p).to_tangent_aval() for p in primals]
+    res_leaves, res_tree = jax.tree_util.tree_flatten(res)
+
+    def full(values, nz, avals):
+      it = iter(values)
+      return [next(it) if z else _zeros(a) for z, a in zip(nz, avals, strict=True)]
+
+    def forward(res_leaves, nz_tangents):
+      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
+      out_dot = jvp_from_residuals(res, full(nz_tangents, in_nz, in_avals), out_avals)
+      return [t for t, z in zip(out_dot, out_nz, strict=True) if z]
+
+    def backward(res_leaves, nz_cts):
+      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
+      in_cts = bwd(res, full(nz_cts, out_nz, out_avals), cse)
+      return [c for c, z in zip(in_cts, in_nz, strict=True) if z]
+
+    tmap = tangent_lib.TangentMap(
+        num_res=len(res_leaves), forward=forward, backward=backward, name=name,
+        out_avals=[a for a, z in zip(out_avals, out_nz, strict=True) if z])
+    nz_out = iter(tangent_lib.tangent_call(
+        tmap, res_leaves, [t for t, z in zip(tangents, in_nz, strict=True) if z]))
+    out_dot = [next(nz_out) if z else zero_from_primal(o, symbolic_zeros=True)
+               for o, z in zip(out, out_nz, strict=True)]
+    return out, out_dot
+
+  call.defjvp(rule, symbolic_zeros=True)
   return call
+
+
+def _tangent_dtype(t):
+  return getattr(t, "dtype", None)
+
+
+def _zeros(aval):
+  """A concrete zero tangent for ``aval`` (``float0`` for integer and key inputs)."""
+  if aval.dtype == jax.dtypes.float0:
+    return np.zeros(aval.shape, jax.dtypes.float0)
+  return jnp.zeros(aval.shape, aval.dtype)
+
+
+def _barrier_some(res, flags, ct):
+  """``optimization_barrier`` over the cotangent and the residual leaves whose flag is set."""
+  leaves, treedef = jax.tree_util.tree_flatten(res)
+  picked = [x for x, f in zip(leaves, flags, strict=True) if f]
+  picked, ct = _barrier((picked, ct))
+  it = iter(picked)
+  leaves = [next(it) if f else x for x, f in zip(leaves, flags, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, leaves), ct

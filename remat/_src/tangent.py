@@ -1,0 +1,135 @@
+"""The tangent map of a checkpointed function: one linear primitive, two directions.
+
+``jax.custom_vjp`` gives a function a backward rule only: its forward-mode
+derivative is a ``custom_lin`` equation that may be transposed (reverse mode)
+but never evaluated, so ``jax.jvp``, ``jax.linearize`` and ``jax.jacfwd`` of a
+custom_vjp function fail, also when the call was staged out earlier (under
+``jit``, ``scan``, ``while_loop``), where nothing at call time can tell the two
+directions apart. ``remat.checkpoint`` is therefore a ``jax.custom_jvp`` whose
+rule runs the checkpoint's forward pass (the residuals: the inputs, or what the
+policy saves, possibly in host memory) and returns its output tangent as one
+``remat_tangent`` equation, linear in the input tangents:
+
+* **transposed** (``jax.grad``, ``jax.vjp``): the rule is the checkpoint's
+  backward pass (barrier over residuals and cotangent, recompute, ``jax.vjp``),
+  the same code ``custom_vjp`` ran; only the residuals cross from the forward
+  to the backward pass, so memory and recomputation are unchanged;
+* **evaluated** (``jax.jvp``, ``jax.linearize``, ``jax.jacfwd``): the rule
+  recomputes the function under ``jax.jvp`` from the residuals.
+
+It also has a JVP rule (forward over forward) and a batching rule (``vmap``,
+``jacfwd``). The primitive is built with jax's extension API (``jax.extend`` and
+``jax.interpreters``); its parameters carry one :class:`TangentMap`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+
+class TangentMap:
+  """How to evaluate and to transpose one linear map ``tangents -> output tangents``.
+
+  Attributes:
+    num_res: how many of the primitive's operands are residuals (the rest are
+      the linear inputs).
+    forward: ``(res, tangents) -> out_tangents`` (lists of arrays).
+    backward: ``(res, cotangents) -> in_cotangents`` (lists of arrays), the
+      transpose of ``forward`` in its second argument.
+    out_avals: the avals of the output tangents.
+
+  Compared and hashed by identity (it is a primitive parameter).
+  """
+
+  def __init__(self, *, num_res: int, forward: Callable, backward: Callable,
+               out_avals: Sequence[Any], name: str = "fn"):
+    self.num_res = num_res
+    self.forward = forward
+    self.backward = backward
+    self.out_avals = tuple(out_avals)
+    self.name = name
+
+  def __repr__(self):
+    return f"TangentMap({self.name})"
+
+  def batched(self, res_dims: Sequence[int | None], size: int, res, tangents) -> "TangentMap":
+    """The same map over a leading batch axis of every tangent (residual axes ``res_dims``)."""
+    res_dims = list(res_dims)
+
+    def forward(r, t):
+      return jax.vmap(self.forward, in_axes=(res_dims, 0), axis_size=size)(list(r), list(t))
+
+    def backward(r, ct):
+      return jax.vmap(self.backward, in_axes=(res_dims, 0), axis_size=size)(list(r), list(ct))
+
+    out = jax.eval_shape(forward, list(res), list(tangents))
+    return TangentMap(num_res=self.num_res, forward=forward, backward=backward,
+                      out_avals=[jax.typeof(o) for o in out], name=self.name)
+
+
+def tangent_call(tmap: TangentMap, res: Sequence[Any], tangents: Sequence[Any]) -> list[Any]:
+  """``tmap.forward(res, tangents)``, as one equation that transposes to ``tmap.backward``."""
+  if len(res) != tmap.num_res:
+    raise ValueError(f"internal error: {len(res)} residuals for a map over {tmap.num_res}")
+  return tangent_p.bind(*res, *tangents, tmap=tmap)
+
+
+### Rules
+
+tangent_p = Primitive("remat_tangent")
+tangent_p.multiple_results = True
+
+
+def _split(args, tmap):
+  return list(args[:tmap.num_res]), list(args[tmap.num_res:])
+
+
+def _impl(*args, tmap):
+  res, tangents = _split(args, tmap)
+  return list(tmap.forward(res, tangents))
+
+
+def _abstract_eval(*args, tmap):
+  del args
+  return list(tmap.out_avals)
+
+
+def _jvp(primals, tangents, *, tmap):
+  # Linear in the tangent operands, not in the residuals: differentiate the forward rule.
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  out, out_dot = jax.jvp(lambda *a: _impl(*a, tmap=tmap), list(primals), tangents)
+  return out, out_dot
+
+
+def _transpose(cts, *args, tmap):
+  res, tangents = _split(args, tmap)
+  if any(ad.is_undefined_primal(r) for r in res):
+    raise NotImplementedError(
+        f"`remat.checkpoint` of {tmap.name!r}: the tangent map was transposed with respect to "
+        "its residuals; this cannot happen for a map built by `remat.checkpoint`.")
+  cts = [ad.instantiate_zeros(ct) for ct in cts]
+  in_cts = list(tmap.backward(res, cts))
+  return [None] * len(res) + [ct if ad.is_undefined_primal(t) else None
+                              for t, ct in zip(tangents, in_cts, strict=True)]
+
+
+def _batch(args, dims, *, tmap):
+  size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+  res, tangents = _split(args, tmap)
+  res_dims, tan_dims = _split(dims, tmap)
+  tangents = [batching.bdim_at_front(t, d, size) for t, d in zip(tangents, tan_dims, strict=True)]
+  btmap = tmap.batched(res_dims, size, res, tangents)
+  out = tangent_p.bind(*res, *tangents, tmap=btmap)
+  return out, [0] * len(out)
+
+
+tangent_p.def_impl(_impl)
+tangent_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[tangent_p] = _jvp
+ad.primitive_transposes[tangent_p] = _transpose
+batching.primitive_batchers[tangent_p] = _batch
+mlir.register_lowering(tangent_p, mlir.lower_fun(_impl, multiple_results=True))
