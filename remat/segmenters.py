@@ -6,7 +6,7 @@ from XLA (``measure_costs``). Each follows the ``Segmenter`` protocol: ``.plan(c
 returns a ``Plan``; apply it with ``remat.sequential``.
 """
 
-from remat._src.budget import budget, min_feasible_bytes, offload_candidates
+from remat._src.budget import GlobalShapesWarning, budget, min_feasible_bytes, offload_candidates
 from remat._src.costs import measure_costs
 from remat._src.fit import auto
 from remat._src.plan import LayerCost, Plan, Segment, Verifier
@@ -21,6 +21,7 @@ from remat._src.segmenters import (
 )
 
 __all__ = [
+    "GlobalShapesWarning",
     "LayerCost",
     "Plan",
     "Segment",

@@ -194,25 +194,30 @@ def test_sequential_errors():
 
 # -- budget: measured costs, verified by compiling ---------------------------------------
 
-HB, HW = 2048, 128          # activations dominate the parameters
+HB, HW = 2048, 64           # activations dominate the parameters
 HACT = HB * HW * 4
 
 
 def wide(p, x):
-  """A layer with large internal residuals (4x the activation)."""
+  """A layer that keeps much more than its input (64 -> 512 -> 64)."""
   return jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"])
 
 
+def sine(s, x):
+  return jnp.sin(x) * s
+
+
 def hetero_chain():
+  """Twelve layers: a wide one, then two cheap ones, four times."""
   layers, ps = [], []
   for i in range(12):
     if i % 3 == 0:
       layers.append(wide)
-      ps.append({"a": jax.ShapeDtypeStruct((HW, 4 * HW), jnp.float32),
-                 "b": jax.ShapeDtypeStruct((4 * HW, HW), jnp.float32)})
+      ps.append({"a": jax.ShapeDtypeStruct((HW, 8 * HW), jnp.float32),
+                 "b": jax.ShapeDtypeStruct((8 * HW, HW), jnp.float32)})
     else:
-      layers.append(cheap)
-      ps.append(jax.ShapeDtypeStruct((HW, HW), jnp.float32))
+      layers.append(sine)
+      ps.append(jax.ShapeDtypeStruct((), jnp.float32))
   return layers, ps, jax.ShapeDtypeStruct((HB, HW), jnp.float32)
 
 
@@ -220,31 +225,58 @@ def chain_step(layers, seg):
   """The step budgets bound: gradients for parameters and input (the latter kept in temp)."""
   apply = remat.sequential(layers, seg)
 
-  def step(ps, x):
-    loss, (gp, gx) = jax.value_and_grad(lambda ps, x: apply(ps, x).sum(), argnums=(0, 1))(ps, x)
+  def step(ps, x, key=None):
+    loss, (gp, gx) = jax.value_and_grad(lambda ps, x: apply(ps, x, key).sum(), argnums=(0, 1))(ps, x)
     return loss, gp, gx.sum()
 
   return remat.jit(step)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 12])
-def test_budget_dominates_every_uniform_segmentation(k):
+UNIFORM_SEGS = [S.every(k) for k in (1, 2, 3, 4, 6)] + [S.revolve(s) for s in (2, 3, 4)] + [S.multilevel(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seg", UNIFORM_SEGS, ids=repr)
+def test_budget_is_never_worse_than_a_uniform_plan_on_a_heterogeneous_chain(seg):
+  """At the compiled memory of any uniform plan, budget compiles under it with no more flops."""
   layers, ps, x = hetero_chain()
-  uniform = remat.profile(chain_step(layers, S.every(k)), ps, x)
+  uniform = remat.profile(chain_step(layers, seg), ps, x)
   m = uniform.temp_bytes
   plan = remat.sequential(layers, S.budget(m)).plan_for(ps, x)
   planned = remat.profile(chain_step(layers, S.budget(m)), ps, x)
-  assert planned.temp_bytes == plan.compiled_temp_bytes
-  assert planned.temp_bytes <= 1.05 * m
-  assert planned.flops <= uniform.flops * (1 + 1e-6), (k, str(plan))
-  # A wide layer makes two forward matmuls, a cheap one one.
-  assert planned.forward_dots() == sum(n * (2 if f is wide else 1)
-                                  for n, f in zip(plan.layer_evaluations, layers, strict=True))
-  # Prediction vs compiled for the uniform plan and the chosen one.
-  every_plan = remat.sequential(layers, S.every(k)).plan_for(ps, x, compile=True)
-  assert every_plan.compiled_temp_bytes == m
-  for p in (every_plan, plan):
-    assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.1 * p.compiled_temp_bytes, str(p)
+  assert planned.temp_bytes == plan.compiled_temp_bytes <= m
+  # No more recomputed matmuls; flops equal up to the elementwise work of a taped layer's backward.
+  assert planned.forward_dots() <= uniform.forward_dots(), (seg, str(plan))
+  assert planned.flops <= uniform.flops * (1 + 1e-4), (seg, str(plan))
+  # A wide layer makes two forward matmuls, a sine one none.
+  assert planned.forward_dots() == 2 * sum(n for n, f in zip(plan.layer_evaluations, layers, strict=True)
+                                           if f is wide)
+  # Predictions miss by up to 16% on this chain (docs/facts.md, fact 12); verification closes the gap.
+  u = remat.sequential(layers, seg).plan_for(ps, x, compile=True)
+  assert u.compiled_temp_bytes == m
+  assert abs(u.predicted_peak_bytes - m) <= 0.2 * m, str(u)
+
+
+TB, TT, TW = 4, 32, 32  # a small transformer: batch, sequence, width
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seg", [S.every(1), S.every(2), S.revolve(2)], ids=repr)
+def test_budget_is_never_worse_than_a_uniform_plan_on_a_transformer_chain(seg):
+  from remat_bench.models.linen import TransformerBlock
+  block = TransformerBlock(TW, 4, dropout_rate=0.1)
+  layer = lambda p, x, k: block.apply(p, x, True, rngs={"dropout": k})  # noqa: E731
+  layers = [layer] * 6
+  p = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.ones((1, TT, TW)), False))
+  ps, x, key = [p] * 6, jax.ShapeDtypeStruct((TB, TT, TW), jnp.float32), jax.random.key(0)
+  uniform = remat.sequential(layers, seg).plan_for(ps, x, key, compile=True)
+  m = uniform.compiled_temp_bytes
+  plan = remat.sequential(layers, S.budget(m)).plan_for(ps, x, key)
+  assert plan.compiled_temp_bytes <= m and plan.predicted_flops <= uniform.predicted_flops
+  # On blocks this small, fixed buffers weigh: predictions miss by up to 14% (0-4% at width 64, 8
+  # blocks); the verification compile is what holds the budget.
+  for p in (uniform, plan):
+    assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.15 * p.compiled_temp_bytes, str(p)
 
 
 def test_budget_recomputes_nothing_where_plain_fits_and_replans_per_shape():
@@ -281,7 +313,9 @@ def test_budget_below_the_smallest_names_it():
     remat.sequential(layers, S.budget(HACT)).plan_for(ps, x)
   # Costs are measured from XLA and cached by the layer's computation and shape.
   assert costs[0] == costs[3] and costs[1] == costs[2]
-  assert costs[0].kept_bytes > 3 * HACT and costs[1].kept_bytes == pytest.approx(HACT, rel=0.01)
+  # A taped wide layer keeps its input and its 8x-wide tanh; a sine one sin(x), cos(x) and its output.
+  assert costs[0].kept_bytes == pytest.approx(9 * HACT, rel=0.01)
+  assert costs[1].kept_bytes == pytest.approx(3 * HACT, rel=0.01)
 
 
 # -- homogeneous stacks: nested scans ------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
@@ -26,6 +27,11 @@ from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transie
 
 _API = "`remat.segmenters.budget`"
 _VERIFIED: dict[Any, Plan] = {}
+
+
+class GlobalShapesWarning(UserWarning):
+  """A budget is applied to global shapes because the chain's per-device layout is unknown."""
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +74,17 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
 
   max_bytes: int
   offload: Any = dataclasses.field(default=None, kw_only=True)
-  max_compiles: int = dataclasses.field(default=8, kw_only=True)
+  max_compiles: int = dataclasses.field(default=12, kw_only=True)
   needs_costs: ClassVar[bool] = True
 
   def __repr__(self) -> str:
     extra = (f", offload={self.offload!r}" if self.offload is not None else "") + (
-        f", max_compiles={self.max_compiles}" if self.max_compiles != 8 else "")
+        f", max_compiles={self.max_compiles}" if self.max_compiles != 12 else "")
     return f"budget({self.max_bytes}{extra})"
 
   def __post_init__(self):
     _check_positive_int(self.max_bytes, "max_bytes", "budget(2**30)")
-    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=8)")
+    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=12)")
     if self.offload is not None:
       offload_lib.validate_offload(self.offload, api=_API)
 
@@ -113,6 +119,14 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
 
   def _verified(self, costs: tuple[LayerCost, ...], verifier: Verifier, backend) -> Plan:
     cache_key = (self, verifier.key, backend)
+    if verifier.global_shapes and cache_key not in _VERIFIED:
+      warnings.warn(
+          f"{_API}({self.max_bytes:,}) plans with global shapes: the chain runs on a mesh with `Auto` "
+          "axes, whose layout XLA chooses after tracing, so the bytes per device are not known here "
+          "and the budget is applied to the whole (unsharded) chain. For a per-device budget, shard "
+          "with explicit axes (`jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit,))`, "
+          "the default of `jax.make_mesh`) or fit the whole step with `remat.fit`.",
+          GlobalShapesWarning, stacklevel=2)
     if cache_key not in _VERIFIED:
       dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
                      backend=backend)
@@ -173,6 +187,8 @@ def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
     if temp <= limit:
       label = name if cand is dp_plan else f"{name} = {cand.segmenter}"
       best = dataclasses.replace(cand, segmenter=label, compiled_temp_bytes=temp)
+      if cand is dp_plan and temp < limit:  # memory left over: aim higher, for fewer flops
+        target = target * limit / max(temp, 1)
     elif cand is dp_plan:  # aim lower by the model's error, at least one byte below its prediction
       target = min(target * limit / temp, cand.predicted_peak_bytes - 1.0)
   if best is None and not compiled:

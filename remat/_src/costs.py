@@ -57,7 +57,8 @@ def reference_step(fn: Callable) -> Callable:
   schedule.
   """
   def step(params, x, key):
-    loss, (gp, gx) = jax.value_and_grad(lambda p, x: reference_loss(fn(p, x, key)), argnums=(0, 1))(params, x)
+    loss, (gp, gx) = jax.value_and_grad(lambda p, x: reference_loss(fn(p, x, key)), argnums=(0, 1),
+                                        allow_int=True)(params, x)
     return loss, gp, reference_loss(gx)
   return step
 

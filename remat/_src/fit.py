@@ -73,7 +73,7 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
 ### remat.fit
 
 
-def fit(step: Callable, memory: int | str, *, max_compiles: int = 8, **jit_kwargs) -> Fitted:
+def fit(step: Callable, memory: int | str, *, max_compiles: int = 10, **jit_kwargs) -> Fitted:
   """Jits ``step`` and plans its ``auto()`` chains so that it fits ``memory`` per device.
 
   Args:
@@ -333,7 +333,7 @@ class _Search:
     fixed = prof.argument_bytes + prof.output_bytes - prof.alias_bytes
     return (
         f"{_API}: the step does not fit {_fmt(self.memory)} per device. The smallest peak reached is "
-        f"{_fmt(prof.peak_bytes)}, with {what}: arguments {_fmt(prof.argument_bytes)} (parameters, "
+        f"{_fmt(prof.peak_bytes)} ({what}): arguments {_fmt(prof.argument_bytes)} (parameters, "
         f"optimizer state, batch) + outputs {_fmt(prof.output_bytes)} - donated "
         f"{_fmt(prof.alias_bytes)} = {_fmt(fixed)} held for the whole step, and temporaries "
         f"{_fmt(prof.temp_bytes)} (activations, gradients, working memory). Lower the batch or the "

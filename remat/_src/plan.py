@@ -201,10 +201,13 @@ class Verifier:
       verified plans are cached under it.
     temp_bytes: ``temp_bytes(plan)`` compiles the chain's reference step under
       ``plan`` and returns its per-device temp bytes.
+    global_shapes: the chain runs on a mesh whose layout XLA chooses later (an
+      ``Auto`` mesh under ``jit``), so costs and ``temp_bytes`` are global.
   """
 
   key: Hashable
   temp_bytes: Callable[[Plan], int] = dataclasses.field(compare=False)
+  global_shapes: bool = False
 
 
 def _mib(b) -> str:

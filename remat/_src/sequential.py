@@ -121,7 +121,8 @@ def chain_plan(layers: Sequence[Callable], plan_or_segmenter: Any, params: Seque
   elif obj.needs_costs or compile:
     costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec)
     verifier = Verifier(key=costs_lib.chain_key(layers, p_spec, x_spec, k_spec),
-                        temp_bytes=lambda plan: _compiled_temp(plan, layers, p_spec, x_spec, k_spec))
+                        temp_bytes=lambda plan: _compiled_temp(plan, layers, p_spec, x_spec, k_spec),
+                        global_shapes=specs.layout_unknown(x))
     plan = obj.plan(costs, verifier=verifier)
   else:
     plan = obj.plan(len(layers))

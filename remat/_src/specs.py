@@ -41,6 +41,17 @@ def known_sharding(a: Any) -> NamedSharding | None:
   return NamedSharding(_concrete(s.mesh), s.spec)
 
 
+def layout_unknown(tree: Any) -> bool:
+  """Whether some leaf is a tracer on a multi-device mesh whose layout XLA chooses later (``Auto``)."""
+  for a in jax.tree_util.tree_leaves(tree):
+    if isinstance(a, jax.core.Tracer):
+      s = getattr(jax.typeof(a), "sharding", None)
+      if isinstance(s, NamedSharding) and s.mesh.size > 1 and known_sharding(a) is None \
+          and not _explicit(s.mesh):
+        return True
+  return False
+
+
 def device_bytes(tree: Any) -> int:
   """Bytes of one device's shard of every array leaf of ``tree``."""
   total = 0

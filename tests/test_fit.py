@@ -1,0 +1,258 @@
+"""remat.fit: a whole training step fitted to a per-device memory, read from the compiled step."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import remat
+from remat import segmenters as S
+from remat.segmenters import Plan, Segment
+
+# -- a chain of tanh layers trained with SGD (parameters donated) ------------------------
+
+D, B, W = 16, 512, 128
+ACT = B * W * 4
+
+
+def tanh_layer(w, x):
+  return jnp.tanh(x @ w)
+
+
+def sgd_step(seg, layers=None, depth=D):
+  apply = remat.sequential(layers or [tanh_layer] * depth, seg)
+
+  def step(ws, x):
+    loss, g = jax.value_and_grad(lambda ws: jnp.mean(apply(ws, x) ** 2))(ws)
+    return jax.tree_util.tree_map(lambda w, d: w - 0.1 * d, ws, g), loss
+  return step
+
+
+def plain_plan(n):
+  return Plan.from_tree(Segment(0, n))
+
+
+def args(depth=D, batch=B, width=W):
+  ws = [jax.random.normal(jax.random.key(i), (width, width)) / width ** 0.5 for i in range(depth)]
+  return ws, jax.random.normal(jax.random.key(99), (batch, width))
+
+
+@functools.lru_cache(maxsize=None)
+def peak_of(seg, depth=D):
+  """Compiled per-device peak and flops of the SGD step under a fixed segmentation."""
+  p = remat.profile(remat.jit(sgd_step(seg, depth=depth), donate_argnums=0), *args(depth))
+  return p.peak_bytes, p.flops
+
+
+def test_fit_recomputes_nothing_where_plain_fits():
+  fitted = remat.fit(sgd_step(S.auto()), "1GiB", donate_argnums=0)
+  report = fitted.plans(*args())
+  assert report.plans[0].recomputed_evaluations == 0
+  assert report.compiles == 1 and report.fits
+  assert report.profile.peak_bytes == peak_of(plain_plan(D))[0]
+
+
+def test_fit_fits_the_compiled_step_and_trains_like_plain():
+  plain_peak, plain_flops = peak_of(plain_plan(D))
+  memory = int(0.6 * plain_peak)
+  fitted = remat.fit(sgd_step(S.auto()), memory, donate_argnums=0)
+  ws, x = args()
+  report = fitted.plans(ws, x)
+  assert report.fits and report.plans[0].recomputed_evaluations > 0
+  assert report.plain_profile.peak_bytes == plain_peak > memory
+  # `.lower` passes through like jax.jit's, with the fitted plans and the donation.
+  mem = fitted.lower(ws, x).compile().memory_analysis()
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+      - mem.alias_size_in_bytes
+  assert peak == report.profile.peak_bytes <= memory and mem.alias_size_in_bytes > 0
+  # Calling it trains exactly like the plain step.
+  want = remat.jit(sgd_step(plain_plan(D)))(*args())
+  got = fitted(ws, x)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+  assert "remat.fit" in str(report) and "chain 0" in str(report)
+
+
+# -- never worse than uniform ------------------------------------------------------------
+
+HB, HW = 2048, 64
+
+
+def wide(p, x):
+  """A layer that keeps much more than its input: 64 -> 512 -> 64."""
+  return jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"])
+
+
+def sine(s, x):
+  return jnp.sin(x) * s
+
+
+HETERO = [wide if i % 3 == 0 else sine for i in range(12)]
+
+
+def hetero_args():
+  ps = [{"a": jnp.full((HW, 8 * HW), 0.02), "b": jnp.full((8 * HW, HW), 0.02)} if f is wide
+        else jnp.float32(0.9) for f in HETERO]
+  return ps, jnp.ones((HB, HW))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seg", [S.every(2), S.every(3), S.revolve(4)], ids=repr)
+def test_fit_is_never_worse_than_a_uniform_plan(seg):
+  step = lambda s: remat.jit(sgd_step(s, HETERO), donate_argnums=0)  # noqa: E731
+  uniform = remat.profile(step(seg), *hetero_args())
+  report = remat.fit(sgd_step(S.auto(), HETERO), uniform.peak_bytes, donate_argnums=0).plans(
+      *hetero_args())
+  assert report.profile.peak_bytes <= uniform.peak_bytes
+  assert report.profile.flops <= uniform.flops * (1 + 1e-6)
+
+
+@pytest.mark.slow
+def test_fit_plans_flax_sequentials_and_shares_memory_between_chains():
+  """An encoder and a decoder (linen Sequentials of Dense+tanh blocks) share the memory."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.tanh(nn.Dense(x.shape[-1])(x))
+
+  class EncDec(nn.Module):
+    seg: object
+
+    @nn.compact
+    def __call__(self, x):
+      x = remat.linen.Sequential([Block() for _ in range(8)], segmenter=self.seg, name="encoder")(x)
+      return remat.linen.Sequential([Block() for _ in range(8)], segmenter=self.seg, name="decoder")(x)
+
+  x = jnp.ones((B, W))
+  v = EncDec(S.every(1)).init(jax.random.key(0), x)
+  opt = optax.sgd(0.1)
+
+  def make(seg):
+    def step(v, state, x):
+      loss, g = jax.value_and_grad(lambda v: jnp.mean(EncDec(seg).apply(v, x) ** 2))(v)
+      u, state = opt.update(g, state, v)
+      return optax.apply_updates(v, u), state, loss
+    return step
+
+  st = opt.init(v)
+  plain = remat.profile(remat.jit(make(None), donate_argnums=(0, 1)), v, st, x)
+  every2 = remat.profile(remat.jit(make(S.every(2)), donate_argnums=(0, 1)), v, st, x)
+  memory = every2.peak_bytes
+  report = remat.fit(make(S.auto()), memory, donate_argnums=(0, 1)).plans(v, st, x)
+  assert len(report.plans) == 2 and report.fits
+  assert report.profile.flops <= every2.flops * (1 + 1e-6) < plain.flops * 1.5
+  with pytest.raises(ValueError, match=r"`remat.segmenters.auto\(\)` chains are planned by `remat.fit`"):
+    EncDec(S.auto()).apply(v, x)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_fit_names_the_smallest_peak_and_what_it_holds():
+  fitted = remat.fit(sgd_step(S.auto()), 100_000, donate_argnums=0)
+  with pytest.raises(ValueError) as e:
+    fitted.plans(*args())
+  msg = str(e.value)
+  assert "`remat.fit`: the step does not fit 0.10 MiB" in msg
+  assert "smallest-memory plan" in msg and "arguments" in msg and "temporaries" in msg
+  assert "donate" in msg and "raise `memory`" in msg
+
+
+def test_fit_argument_errors():
+  step = sgd_step(S.auto())
+  for bad in (0, -5, "lots", "12 parsecs", True, None):
+    with pytest.raises(ValueError, match=r"the `memory` argument to `remat.fit`"):
+      remat.fit(step, bad)
+  assert remat.fit(step, "1.5GiB").memory == int(1.5 * 2**30)
+  assert remat.fit(step, "80GB").memory == 80 * 10**9
+  with pytest.raises(TypeError, match=r"`remat.fit` compiles the step itself.*donate_argnums"):
+    remat.fit(jax.jit(step), "1GiB")
+  with pytest.raises(ValueError, match=r"`max_compiles`.*>= 2"):
+    remat.fit(step, "1GiB", max_compiles=1)
+  with pytest.raises(ValueError, match=r"chains are planned by `remat.fit`.*budget\(max_bytes\)"):
+    remat.jit(step)(*args())
+  no_chain = remat.fit(lambda x: jnp.tanh(x @ x.T), 1000)
+  with pytest.raises(ValueError, match=r"no `remat.segmenters.auto\(\)` chain to plan"):
+    no_chain.plans(jnp.ones((64, 64)))
+
+
+# -- per device, on meshes of 8 host devices ------------------------------------------------
+
+needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (see conftest.py)")
+MB, MW = 8192, 128  # batch and width: activations dominate the replicated or sharded parameters
+
+
+def mesh_setup(kind, axis_type):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  if kind == "dp":
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    x_spec, w_spec = P("data", None), P()
+  else:  # data x FSDP: the batch over both axes, the weights' first axis over "fsdp"
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(axis_type,) * 2)
+    x_spec, w_spec = P(("data", "fsdp"), None), P("fsdp", None)
+  xs, wss = NamedSharding(mesh, x_spec), NamedSharding(mesh, w_spec)
+  ws, x = args(batch=MB, width=MW)
+  kw = dict(donate_argnums=0, in_shardings=([wss] * D, xs),
+            out_shardings=([wss] * D, NamedSharding(mesh, P())))
+  return jax.device_put(ws, wss), jax.device_put(x, xs), kw
+
+
+@needs8
+@pytest.mark.parametrize("kind,axis", [("dp", "Auto"), ("fsdp", "Auto"), ("fsdp", "Explicit")])
+def test_fit_is_per_device_on_a_mesh(kind, axis):
+  ws, x, kw = mesh_setup(kind, getattr(jax.sharding.AxisType, axis))
+  plain = remat.profile(remat.jit(sgd_step(plain_plan(D)), **kw), ws, x)
+  sqrt = remat.profile(remat.jit(sgd_step(S.sqrt()), **kw), ws, x)
+  act = MB * MW * 4 // 8  # one activation's shard
+  assert plain.temp_bytes < 24 * act  # per device: the global batch would need 8x more
+  fitted = remat.fit(sgd_step(S.auto()), sqrt.peak_bytes, **kw)
+  report = fitted.plans(ws, x)
+  assert report.profile.peak_bytes <= sqrt.peak_bytes < plain.peak_bytes
+  assert report.profile.flops <= sqrt.flops * (1 + 1e-6)
+  got = fitted(ws, x)
+  want = remat.jit(sgd_step(plain_plan(D)))(*args(batch=MB, width=MW))
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@needs8
+def test_budget_is_per_device_under_explicit_sharding_data_parallel():
+  """16 tanh layers, a 4096 x 256 batch over 8 devices: plain backprop needs 8.5 MiB of temp per device
+  (17 activation shards), and budget(8 MiB) is a per-device budget that it meets."""
+  from jax.sharding import AxisType
+  ws, x, _ = mesh_setup("dp", AxisType.Explicit)
+  ws = [jax.device_put(jnp.eye(256) * 0.5, w.sharding) for w in ws]
+  x = jax.device_put(jnp.ones((4096, 256)), x.sharding)
+  apply = remat.sequential([tanh_layer] * D, S.budget(8 * 2**20))
+  plan = apply.plan_for(ws, x)
+  assert plan.compiled_temp_bytes <= 8 * 2**20
+  assert abs(plan.predicted_peak_bytes - plan.compiled_temp_bytes) <= 0.1 * plan.compiled_temp_bytes
+  step = remat.jit(jax.value_and_grad(lambda ws, x: jnp.mean(apply(ws, x) ** 2)))
+  assert remat.profile(step, ws, x).temp_bytes <= 8.5 * 2**20
+
+
+@needs8
+def test_budget_is_per_device_under_explicit_sharding_fsdp():
+  from jax.sharding import AxisType
+  ws, x, _ = mesh_setup("fsdp", AxisType.Explicit)
+  plain = remat.sequential([tanh_layer] * D, plain_plan(D)).plan_for(ws, x, compile=True)
+  uniform = remat.sequential([tanh_layer] * D, S.every(4)).plan_for(ws, x, compile=True)
+  act = MB * MW * 4 // 8
+  assert plain.compiled_temp_bytes < 24 * act  # per device
+  assert abs(uniform.predicted_peak_bytes - uniform.compiled_temp_bytes) <= 0.1 * uniform.compiled_temp_bytes
+  plan = remat.sequential([tanh_layer] * D, S.budget(uniform.compiled_temp_bytes)).plan_for(ws, x)
+  assert plan.compiled_temp_bytes <= uniform.compiled_temp_bytes
+  assert plan.predicted_flops <= uniform.predicted_flops
+
+
+@needs8
+def test_budget_under_an_auto_mesh_warns_that_it_plans_global_shapes():
+  from jax.sharding import AxisType
+  ws, x, kw = mesh_setup("dp", AxisType.Auto)
+  apply = remat.sequential([tanh_layer] * D, S.budget(64 * 2**20))
+  step = remat.jit(jax.grad(lambda ws, x: jnp.mean(apply(ws, x) ** 2)), in_shardings=kw["in_shardings"])
+  with pytest.warns(S.GlobalShapesWarning, match=r"global shapes.*remat.fit"):
+    step.lower(ws, x)
