@@ -29,6 +29,7 @@ import numpy as np
 
 from remat._src import budget as budget_lib
 from remat._src import compile as compile_lib
+from remat._src import segmenters as seg_lib
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, make_plan
 from remat._src.profile import Profile
 
@@ -262,9 +263,7 @@ class _Search:
     if not chains:
       raise ValueError(self.too_big(plain, "the step has no `remat.segmenters.auto()` chain to plan"))
     dps = [budget_lib._BudgetDP(c.costs) for c in chains]
-    smallest = tuple(make_plan(dp.min_peak_tree(), c.costs, len(c.costs), "auto: smallest memory")
-                     for dp, c in zip(dps, chains, strict=True))
-    low, _ = self.compile(smallest)
+    smallest, low = self.smallest(dps, chains)
     if low.peak_bytes > self.memory:
       raise ValueError(self.too_big(low, f"every `auto()` chain ({len(chains)}) at its smallest-memory "
                                          "plan"))
@@ -274,12 +273,31 @@ class _Search:
     scale = (plain.temp_bytes - low.temp_bytes) / (hi_pred - lo_pred) if hi_pred > lo_pred else 1.0
     scale = scale if scale > 0 else 1.0
     base = plain.peak_bytes - scale * hi_pred
-    known = {plain_plans: plain, smallest: low}
+    known = {plain_plans: plain, **self.lows}
     if len(chains) == 1:
       plans = self.search_one(dps[0], chains[0], base, scale, known)
     else:
       plans = self.search_joint(dps, chains, base, scale, known)
     return self.report(plans, known[plans], plain)
+
+  def smallest(self, dps, chains) -> tuple[tuple[Plan, ...], Profile]:
+    """The smallest compiled step among low-memory candidates: the model's minimum, checkpoint
+    every layer, and revolve(2) (the model can misjudge nested recomputation of large blocks)."""
+    def plans_of(trees, label):
+      return tuple(make_plan(t, c.costs, len(c.costs), label) for t, c in zip(trees, chains, strict=True))
+
+    options = [plans_of([dp.min_peak_tree() for dp in dps], "auto: smallest predicted")]
+    for seg in (seg_lib.every(1), seg_lib.revolve(2)):
+      options.append(plans_of([seg.plan(len(c.costs)).root for c in chains], f"auto: {seg!r}"))
+    options = list({tuple(p.root for p in o): o for o in options}.values())
+    options.sort(key=lambda o: sum(p.predicted_peak_bytes for p in o))
+    self.lows: dict[tuple[Plan, ...], Profile] = {}
+    for plans in options:
+      self.lows[plans] = self.compile(plans)[0]
+      if len(self.lows) >= 2 and min(q.peak_bytes for q in self.lows.values()) <= self.memory:
+        break
+    best = min(self.lows, key=lambda o: self.lows[o].peak_bytes)
+    return best, self.lows[best]
 
   def search_one(self, dp, chain, base, scale, known) -> tuple[Plan, ...]:
     """One chain: ``budget``'s verified search, with the whole step as the verifier."""
