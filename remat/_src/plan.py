@@ -61,6 +61,9 @@ class LayerCost:
     step_flops: flops of its taped forward plus its backward.
     forward_transient_bytes: working memory of its forward pass without tape
       (internal buffers beyond its input and output).
+    policies: ``(option, cost)`` pairs: the layer's costs when it runs taped
+      under a recomputation policy (``"dots"``, ``"save(query_proj,...)"``:
+      see ``remat/_src/policies.py``) instead of keeping everything.
   """
 
   input_bytes: int
@@ -70,6 +73,17 @@ class LayerCost:
   flops: float
   step_flops: float
   forward_transient_bytes: int = 0
+  policies: tuple[tuple[str, LayerCost], ...] = ()
+
+  def under(self, policy: str | None) -> LayerCost:
+    """The costs of this layer taped under ``policy`` (``None``: keep everything)."""
+    if policy is None:
+      return self
+    for name, cost in self.policies:
+      if name == policy:
+        return cost
+    raise ValueError(f"no measured costs for the policy {policy!r} of this layer; measured: "
+                     f"{[n for n, _ in self.policies]}. Plan with the same costs the plan was made from.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +100,10 @@ class Segment:
     offload: with ``checkpoint``, keep the stored input in host memory
       (``pinned_host``) between the forward and the backward pass
       (``remat.offload.host``).
+    policy: for taped layers (no ``children``, no ``checkpoint``), run each
+      under this recomputation policy (``"dots"``, ``"save(query_proj,key_proj)"``
+      ...): it keeps what the policy saves and recomputes the rest in its own
+      backward pass. ``None`` keeps everything.
   """
 
   start: int
@@ -93,6 +111,7 @@ class Segment:
   children: tuple[Segment, ...] = ()
   checkpoint: bool = False
   offload: bool = False
+  policy: str | None = None
 
   def __post_init__(self):
     if not 0 <= self.start < self.stop:
@@ -101,6 +120,9 @@ class Segment:
     if self.offload and not self.checkpoint:
       raise ValueError(f"`remat.segmenters.Segment` [{self.start}, {self.stop}): only a checkpointed "
                        "segment's stored input can be offloaded; pass `checkpoint=True` with `offload=True`.")
+    if self.policy is not None and (self.children or self.checkpoint):
+      raise ValueError(f"`remat.segmenters.Segment` [{self.start}, {self.stop}): a `policy` applies to "
+                       "taped layers; give it to a segment without `children` and without `checkpoint`.")
     if self.children:
       edges = [self.start] + [c.stop for c in self.children]
       starts = [c.start for c in self.children]
@@ -117,7 +139,8 @@ class Segment:
     pad = "  " * indent
     what = "checkpoint" if self.checkpoint else ("tape" if not self.children else "segment")
     rng = f"[{self.start}, {self.stop})" if self.size > 1 else f"[{self.start}]"
-    out = [f"{pad}{what} {rng}" + (" (input offloaded to host)" if self.offload else "")]
+    how = f" ({_describe_policy(self.policy)})" if self.policy is not None else ""
+    out = [f"{pad}{what} {rng}{how}" + (" (input offloaded to host)" if self.offload else "")]
     for c in self.children:
       out += c.lines(indent + 1)
     return out
@@ -217,14 +240,22 @@ def _mib(b) -> str:
 ### Evaluating a tree under the cost model
 
 
-def backward_transient(costs: Sequence[LayerCost], i: int) -> float:
+def backward_transient(costs: Sequence[LayerCost], i: int, policy: str | None = None) -> float:
   """Working memory of layer ``i``'s backward: its transient and the incoming cotangent."""
-  c = costs[i]
+  c = costs[i].under(policy)
   return float(c.transient_bytes) + (float(c.output_bytes) if i < len(costs) - 1 else 0.0)
 
 
-def leaf(start: int, stop: int, checkpoint: bool = False) -> Segment:
-  return Segment(start, stop, (), checkpoint)
+def leaf(start: int, stop: int, checkpoint: bool = False, policy: str | None = None) -> Segment:
+  return Segment(start, stop, (), checkpoint, policy=policy)
+
+
+def _describe_policy(option: str) -> str:
+  if option.startswith("save("):
+    inner = option[5:-1]
+    return f"save {inner.replace(',', ', ')}" if inner else "save only the input"
+  return {"dots": "save matmul outputs", "dots_no_batch": "save matmul outputs without batch dims"}.get(
+      option, option)
 
 
 def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int, segmenter: str,
@@ -323,7 +354,7 @@ class _Simulator:
       self._hold_state(i)
       self._count_states(working=i)
       if not self.unit:
-        c = self._c(i)
+        c = self._c(i).under(seg.policy)
         self.flops += c.step_flops
         self._bump(c.transient_bytes)
         self.held += c.kept_bytes
@@ -348,8 +379,7 @@ class _Simulator:
     for j, i in enumerate(reversed(range(seg.start, seg.stop))):
       self._count_states(working=i)
       if not self.unit:
-        c = self._c(i)
-        self._bump(backward_transient(self.costs, i))
+        self._bump(backward_transient(self.costs, i, seg.policy))
         self.held -= data[len(data) - 1 - j]
       self._drop_state(i)
 
