@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 
+from remat._src import compile as compile_lib
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
 from remat._src.signature import positional_arity
@@ -178,6 +179,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
 
   @functools.wraps(fn)
   def checkpointed(*args, **kwargs):
+    compile_lib.check_cpu_barriers()  # warns once where XLA:CPU would undo the checkpoint
     nums = _normalize_static(static_argnums, len(args), fn)
     static = {i: args[i] for i in nums}
     for i, v in static.items():
