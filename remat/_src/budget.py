@@ -22,6 +22,7 @@ import numpy as np
 
 from remat._src import offload as offload_lib
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transient, leaf, make_plan
+from remat._src.units import format_bytes
 
 _API = "`remat.segmenters.budget`"
 # Part of a budget left free for what the caller's own step adds (a loss, other
@@ -100,10 +101,14 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     smallest = int(math.ceil(dp.min_peak()))
     if target < smallest:
       raise ValueError(
-          f"{_API}({self.max_bytes:,}): no plan is predicted to fit {target:,} bytes; the smallest "
-          f"feasible budget for this chain is {smallest:,} bytes ({_mib(smallest)}, predicted). Raise "
-          f"`max_bytes` to at least {smallest:,}, or make the layers smaller.")
+          f"{self._call()}: no plan is predicted to fit {_bytes(target)}; the smallest feasible budget "
+          f"for this chain is {_bytes(smallest)}, predicted. Raise `max_bytes` to at least "
+          f"{smallest}, or make the layers smaller.")
     return make_plan(dp.solve(target), costs, len(costs), repr(self))
+
+  def _call(self) -> str:
+    """This budget as code, for messages: ``remat.segmenters.budget(1024)``."""
+    return f"`remat.segmenters.budget({self.max_bytes})`"
 
   def _verified(self, costs: tuple[LayerCost, ...], verifier: Verifier, backend) -> Plan:
     """Compile candidates; correct the target by each compiled number; keep the cheapest that fits."""
@@ -115,10 +120,10 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     if limit < smallest:
       need = int(math.ceil(smallest / (1 - SLACK)))
       raise ValueError(
-          f"{_API}({self.max_bytes:,}): the smallest feasible budget for this chain is "
-          f"{int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted), and a budget keeps 0.5% "
-          f"for the caller's own buffers. Raise `max_bytes` to at least {need:,}, or make the layers "
-          "smaller.")
+          f"{self._call()}: the smallest feasible budget for this chain is {_bytes(need)}: its "
+          f"smallest plan is predicted to need {_bytes(int(math.ceil(smallest)))}, and a budget keeps "
+          "0.5% of itself in reserve for the caller's own buffers. Raise `max_bytes` to at least "
+          "that, or make the layers smaller.")
     target, tried, seen, best = limit, [], set(), None
     for _ in range(self.max_compiles):
       plan = self.plan(costs, target_bytes=target, backend=backend)
@@ -141,12 +146,13 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
         if target < smallest:
           break
     if best is None:
-      detail = "; ".join(f"{e} evaluations: predicted {p:,} B, compiled {t:,} B" for e, p, t in tried)
+      detail = "; ".join(f"{e} evaluations: predicted {_bytes(p)}, compiled {_bytes(t)}"
+                         for e, p, t in tried)
       need = int(math.ceil(min(t for _, _, t in tried) / (1 - SLACK)))
       raise ValueError(
-          f"{_API}({self.max_bytes:,}): no plan found whose compiled temp memory fits {limit:,} bytes "
-          f"(the budget less 0.5% kept for the caller's own buffers) in {len(tried)} compile(s) "
-          f"({detail}). Raise `max_bytes` to at least {need:,} bytes, or `max_compiles`.")
+          f"{self._call()}: no plan compiled to within {_bytes(limit)}, the budget less the 0.5% it keeps "
+          f"in reserve for the caller's own buffers, in {len(tried)} compile(s) ({detail}). Raise "
+          f"`max_bytes` to at least {_bytes(need)}, or `max_compiles`.")
     _VERIFIED[cache_key] = best
     return best
 
@@ -434,5 +440,7 @@ def _check_positive_int(v, name, example):
     raise ValueError(f"`{_API[1:-1]}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
 
 
-def _mib(b) -> str:
-  return f"{b / 2**20:,.2f} MiB"
+def _bytes(b) -> str:
+  """``46,199,800 bytes (44.06 MiB)``: exact, then readable."""
+  b = int(b)
+  return f"{b:,} bytes ({format_bytes(b)})" if b >= 1024 else f"{b:,} bytes"
