@@ -55,7 +55,7 @@ def main(argv=None):
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--budget", type=cli.parse_bytes, default=None,
+  ap.add_argument("--budget", type=cli.size_arg, default=None,
                   help="device budget, e.g. 200MiB (default: 60%% of plain at the longest length)")
   ap.add_argument("--no-offload", action="store_true", help="plan recomputation only")
   ap.add_argument("--rounds", type=int, default=3, help="timed rounds per length (0: no timing)")
