@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser(
       "plan", help="print the plan a segmenter makes, with predicted and compiled costs",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Make a checkpointing plan for a chain of layers (a reference model or your own) and "
-      "check it by compiling its training step: prints the nested segments, then the predicted and "
-      "compiled temp memory and flops next to plain backprop's.\n\n" + _wrap(BUDGET_COUNTS),
+      description=_wrap("Make a checkpointing plan for a chain of layers (a reference model or your own) "
+                        "and check it by compiling its training step: prints the nested segments, then "
+                        "the predicted and compiled temp memory and flops next to plain backprop's. "
+                        "Size flags set the reference models' sizes, and are passed as keywords to a "
+                        "factory of yours that takes them.") + "\n\n" + _wrap(BUDGET_COUNTS),
       epilog=CONTRACT)
   p.add_argument("--model", default="transformer",
                  help="mlp | transformer (reference chains) | package.module:factory | "
@@ -249,6 +251,8 @@ def cmd_plan(args, ap: argparse.ArgumentParser) -> int:
   try:
     plan = model.plan(seg)
   except ValueError as e:  # an infeasible budget: the message says the smallest one that fits
+    if getattr(seg, "max_bytes", None) is None:
+      raise
     bar.close()
     flag = "--budget" if args.budget is not None else "--segmenter"
     ap.error(f"argument {flag} {args.budget_text or args.segmenter}: {e}")

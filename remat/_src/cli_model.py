@@ -91,7 +91,9 @@ class ChainModel:
 
   def run(self, plan_or_segmenter: Any = None) -> Callable:
     """``run(params, x, key)``: the chain under a plan or segmenter (``None``: plain backprop)."""
-    return seq_lib.sequential(self.layers, plan_or_segmenter or seq_lib.plain_plan(self.depth))
+    if plan_or_segmenter is None:
+      plan_or_segmenter = seq_lib.plain_plan(self.depth)
+    return seq_lib.sequential(self.layers, plan_or_segmenter)
 
   def step(self, plan_or_segmenter: Any = None) -> Callable:
     """The chain's reference training step (what a budget bounds): ``step(params, x, key)``."""
