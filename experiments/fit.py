@@ -161,7 +161,8 @@ def plot(rows, path):
   for ax, dt in zip(axes[0], dtypes, strict=True):
     mems = sorted({r["memory_gib"] for r in rows if r["dtype"] == dt})
     for j, m in enumerate(METHODS):
-      rs = [next(r for r in rows if r["dtype"] == dt and r["memory_gib"] == g and r["method"] == m) for g in mems]
+      rs = [next(r for r in rows if r["dtype"] == dt and r["memory_gib"] == g and r["method"] == m)
+            for g in mems]
       xs = [i + (j - 1.5) * 0.2 for i in range(len(mems))]
       bars = ax.bar(xs, [r["max_batch"] for r in rs], width=0.2, color=colours[m], label=m)
       for bar, r in zip(bars, rs, strict=True):

@@ -35,8 +35,8 @@ def hetero():
   wide = lambda p, x: jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"])  # noqa: E731
   sine = lambda s, x: jnp.sin(x) * s  # noqa: E731
   layers = [wide if i % 3 == 0 else sine for i in range(12)]
-  ps = [{"a": jnp.full((64, 512), 0.02), "b": jnp.full((512, 64), 0.02)} if f is wide else jnp.float32(0.9)
-        for f in layers]
+  ps = [{"a": jnp.full((64, 512), 0.02), "b": jnp.full((512, 64), 0.02)} if f is wide
+        else jnp.float32(0.9) for f in layers]
   return layers, ps, jnp.ones((2048, 64)), None, 2048 * 64 * 4
 
 
@@ -90,11 +90,12 @@ def main(argv=None) -> int:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  print("\n| chain | uniform | evals | predicted / compiled temp (act) | budget: evals, temp, flops vs uniform "
-        "| whole step peak | fit: peak, flops vs uniform, evals |")
+  print("\n| chain | uniform | evals | predicted / compiled temp (act) "
+        "| budget: evals, temp, flops vs uniform | whole step peak | fit: peak, flops vs uniform, evals |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['chain']} | {r['uniform']} | {r['uniform_evals']} | {r['predicted_act']} / {r['compiled_act']} "
+    print(f"| {r['chain']} | {r['uniform']} | {r['uniform_evals']} | "
+          f"{r['predicted_act']} / {r['compiled_act']} "
           f"({100 * r['prediction_error']:+.1f}%) | {r['budget_evals']}, {r['budget_act']}, "
           f"{r['budget_flops_vs_uniform']:.3f}x | {r['step_peak_mib']} MiB | {r['fit_peak_mib']} MiB, "
           f"{r['fit_flops_vs_uniform']:.3f}x, {r['fit_evals']} |")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import remat
 from remat import segmenters as S
 from remat._src import cli
+from remat._src.units import format_bytes
 from remat_bench import tradeoff
 from remat_bench.models.linen import TransformerBlock
 
@@ -55,7 +56,7 @@ def main(argv=None):
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--budget", type=cli.parse_bytes, default=None,
+  ap.add_argument("--budget", type=cli.size_arg, default=None,
                   help="device budget, e.g. 200MiB (default: 60%% of plain at the longest length)")
   ap.add_argument("--no-offload", action="store_true", help="plan recomputation only")
   ap.add_argument("--rounds", type=int, default=3, help="timed rounds per length (0: no timing)")
@@ -105,7 +106,7 @@ def main(argv=None):
       bar.update(1)
   bar.close()
 
-  mib = lambda b: f"{b / 2**20:,.1f} MiB"
+  mib = format_bytes
   print(f"\n{args.depth} transformer blocks, width {args.width}, batch {args.batch}; device budget "
         f"{mib(budget)}; offload {'on' if offload else 'off'} (executed on this backend: "
         f"{remat.offload.supported()}); {env['backend']} ({env['device_kind']})\n")

@@ -24,6 +24,7 @@ import numpy as np
 from remat._src import offload as offload_lib
 from remat._src import segmenters as seg_lib
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transient, leaf, make_plan
+from remat._src.units import format_bytes
 
 _API = "`remat.segmenters.budget`"
 _VERIFIED: dict[Any, Plan] = {}
@@ -112,16 +113,20 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     smallest = int(math.ceil(dp.min_peak()))
     if target < smallest:
       raise ValueError(
-          f"{_API}({self.max_bytes:,}): no plan is predicted to fit {target:,} bytes; the smallest "
-          f"feasible budget for this chain is {smallest:,} bytes ({_mib(smallest)}, predicted). Raise "
-          f"`max_bytes` to at least {smallest:,}, or make the layers smaller.")
+          f"{self._call()}: no plan is predicted to fit {_bytes(target)}; the smallest feasible budget "
+          f"for this chain is {_bytes(smallest)}, predicted. Raise `max_bytes` to at least "
+          f"{smallest}, or make the layers smaller.")
     return make_plan(dp.solve(target), costs, len(costs), repr(self))
+
+  def _call(self) -> str:
+    """This budget as code, for messages: ``remat.segmenters.budget(1024)``."""
+    return f"`remat.segmenters.budget({self.max_bytes})`"
 
   def _verified(self, costs: tuple[LayerCost, ...], verifier: Verifier, backend) -> Plan:
     cache_key = (self, verifier.key, backend)
     if verifier.global_shapes and cache_key not in _VERIFIED:
       warnings.warn(
-          f"{_API}({self.max_bytes:,}) plans with global shapes: the chain runs on a mesh with `Auto` "
+          f"{self._call()} plans with global shapes: the chain runs on a mesh with `Auto` "
           "axes, whose layout XLA chooses after tracing, so the bytes per device are not known here "
           "and the budget is applied to the whole (unsharded) chain. For a per-device budget, shard "
           "with explicit axes (`jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Explicit,))`, "
@@ -131,7 +136,7 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
       dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
                      backend=backend)
       plan = verified_search(dp, costs, self.max_bytes, verifier.temp_bytes, self.max_compiles,
-                             name=repr(self), api=f"{_API}({self.max_bytes:,})")
+                             name=repr(self), api=self._call())
       _VERIFIED[cache_key] = plan
     return _VERIFIED[cache_key]
 
@@ -192,17 +197,17 @@ def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
     elif cand is dp_plan:  # aim lower by the model's error, at least one byte below its prediction
       target = min(target * limit / temp, cand.predicted_peak_bytes - 1.0)
   if best is None and not compiled:
+    need = int(math.ceil(smallest))
     raise ValueError(
-        f"{api}: no plan is predicted to fit {limit:,} bytes ({_mib(limit)}); the smallest feasible "
-        f"budget for this chain is {int(math.ceil(smallest)):,} bytes ({_mib(smallest)}, predicted). "
-        f"Raise `max_bytes` to at least {int(math.ceil(smallest)):,}, or make the layers smaller.")
+        f"{api}: no plan is predicted to fit {_bytes(limit)}; the smallest feasible budget for this "
+        f"chain is {_bytes(need)}, predicted. Raise `max_bytes` to at least {need}, or make the layers "
+        "smaller.")
   if best is None:
     tried = sorted(compiled.values())
     raise ValueError(
-        f"{api}: no plan found whose compiled temp memory fits {limit:,} bytes ({_mib(limit)}) in "
-        f"{len(compiled)} compile(s); the smallest compiled was {tried[0]:,} bytes ({_mib(tried[0])}), "
-        f"and the smallest predicted for this chain is {int(smallest):,} bytes. Raise `max_bytes` "
-        f"to at least {tried[0]:,}, or `max_compiles`.")
+        f"{api}: no plan compiled to within {_bytes(limit)} in {len(compiled)} compile(s); the "
+        f"smallest compiled to {_bytes(tried[0])} (the smallest predicted for this chain is "
+        f"{_bytes(int(smallest))}). Raise `max_bytes` to at least {tried[0]}, or `max_compiles`.")
   return best
 
 
@@ -505,5 +510,7 @@ def _check_positive_int(v, name, example):
     raise ValueError(f"`{_API[1:-1]}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
 
 
-def _mib(b) -> str:
-  return f"{b / 2**20:,.2f} MiB"
+def _bytes(b) -> str:
+  """``46,199,800 bytes (44.06 MiB)``: exact, then readable."""
+  b = int(b)
+  return f"{b:,} bytes ({format_bytes(b)})" if b >= 1024 else f"{b:,} bytes"

@@ -1,107 +1,212 @@
 """``python -m remat`` / ``remat``: plan checkpointing for a model, or measure the trade-off.
 
   remat plan     --model transformer --depth 24 --segmenter budget --budget 64MiB
+  remat plan     --model examples/my_model.py:model --segmenter budget:256MiB
   remat compare  --model mlp --depths 4 8 16 32 --out results
+
+A bad option prints one line (the flag, the value and the fix) and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import importlib
 import sys
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
-          "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+from remat._src.units import format_bytes, parse_bytes
+
+BUDGET_COUNTS = (
+    "A budget bounds the compiled temp memory of the chain's reference training step (the loss and "
+    "gradients of the chain): activations, residuals and working buffers; not parameters, optimizer "
+    "state, inputs or gradients, which live in argument and output buffers. To fit a whole step "
+    "(parameters and optimizer state included) to a device, use `remat fit --memory`.")
+
+__all__ = ["BUDGET_COUNTS", "OneLineParser", "build_parser", "main", "make_progress", "markdown_table",
+           "nearest_divisor", "parse_bytes", "parse_segmenter", "positive_int", "size_arg"]
 
 
-def parse_bytes(text: str) -> int:
-  """``"2GiB"`` -> 2147483648; accepts B, kB/MB/GB (powers of 10) and KiB/MiB/GiB (powers of 2).
+### Arguments
 
-  Raises:
-    argparse.ArgumentTypeError: for anything else, with the accepted forms.
-  """
-  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-  if not m or m.group(2).lower() not in _UNITS:
-    raise argparse.ArgumentTypeError(
-        f"cannot read {text!r} as a size in bytes; write e.g. 2GiB, 512MiB, 1.5GB or 1e9.")
-  return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+class OneLineParser(argparse.ArgumentParser):
+  """``argparse`` whose errors are one line, ``prog: error: message``, with exit status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(flag: str, example: str, *, zero: bool = False):
+  """An argparse ``type`` for a whole number >= 1 (>= 0 with ``zero``), with a message naming ``flag``."""
+  least = 0 if zero else 1
+
+  def parse(text: str) -> int:
+    try:
+      v = int(text)
+    except ValueError:
+      v = None
+    if v is None or v < least:
+      raise argparse.ArgumentTypeError(
+          f"expected a whole number >= {least}, but got {text!r}; e.g. {flag} {example}.")
+    return v
+
+  parse.__name__ = "int"
+  return parse
+
+
+def nearest_divisor(n: int, k: int) -> int:
+  """The divisor of ``n`` nearest ``k`` (the larger on a tie): a suggestion for ``--heads``."""
+  return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), -d))
+
+
+def size_arg(text: str) -> int:
+  """An argparse ``type`` for a size in bytes (``2GiB``, ``512MiB``, ``1e9``)."""
+  try:
+    return parse_bytes(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_segmenter(text: str, budget_bytes: int | None = None):
-  """``"sqrt"``, ``"every:4"``, ``"multilevel:2"``, ``"revolve:3"``, ``"none"``, ``"budget[:2GiB]"``."""
+  """``"sqrt"``, ``"none"``, ``"every:4"``, ``"multilevel:2"``, ``"revolve:3"``, ``"budget[:2GiB]"``.
+
+  Args:
+    text: the segmenter as written on the command line.
+    budget_bytes: the size for a bare ``budget`` (from ``--budget``).
+
+  Raises:
+    ValueError: with a one-line message that says the accepted forms.
+
+  Example:
+
+    >>> from remat._src.cli import parse_segmenter
+    >>> parse_segmenter("revolve:3"), parse_segmenter("budget:1MiB")
+    (revolve(slots=3), budget(max_bytes=1048576, offload=None, max_compiles=4))
+  """
   from remat import segmenters as S
 
-  name, _, arg = text.partition(":")
-  try:
-    if name == "sqrt" and not arg:
-      return S.sqrt()
-    if name == "none" and not arg:
-      return S.none()
-    if name == "every":
-      return S.every(int(arg))
-    if name == "multilevel":
-      return S.multilevel(int(arg or 2))
-    if name == "revolve":
-      return S.revolve(int(arg))
-    if name == "budget":
-      b = parse_bytes(arg) if arg else budget_bytes
-      if b is None:
-        raise argparse.ArgumentTypeError("`budget` needs a size: --segmenter budget:2GiB or --budget 2GiB.")
-      return S.budget(b)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(f"bad segmenter {text!r}: {e}") from None
-  raise argparse.ArgumentTypeError(
-      f"unknown segmenter {text!r}; use sqrt, none, every:K, multilevel:L, revolve:S or budget:SIZE.")
+  name, colon, arg = str(text).partition(":")
+  forms = "sqrt, none, every:K, multilevel:L, revolve:S or budget:SIZE"
+  if name in ("sqrt", "none"):
+    if colon:
+      raise ValueError(f"`{name}` takes no argument; write `{name}`.")
+    return S.sqrt() if name == "sqrt" else S.none()
+  counts = {"every": ("layers per segment", "every:4", None), "multilevel": ("levels", "multilevel:2", 2),
+            "revolve": ("stored states", "revolve:3", None)}
+  if name in counts:
+    what, example, default = counts[name]
+    if not arg and default is not None:
+      return S.multilevel(default)
+    try:
+      n = int(arg)
+    except ValueError:
+      n = 0
+    if n < 1:
+      raise ValueError(f"`{name}` needs a whole number >= 1 of {what}, but got {arg!r}; e.g. `{example}`.")
+    return {"every": S.every, "multilevel": S.multilevel, "revolve": S.revolve}[name](n)
+  if name == "budget":
+    b = parse_bytes(arg) if arg else budget_bytes
+    if b is None:
+      raise ValueError("`budget` needs a size: `--segmenter budget:2GiB`, or "
+                       "`--segmenter budget --budget 2GiB`.")
+    return S.budget(b)
+  raise ValueError(f"unknown segmenter {text!r}; use {forms}.")
 
 
-def _bench(module: str):
+def segmenter_label(seg) -> str:
+  """``budget(64.00 MiB)`` rather than ``budget(max_bytes=67108864, ...)``; others as ``repr``."""
+  max_bytes = getattr(seg, "max_bytes", None)
+  return f"budget({format_bytes(max_bytes)})" if max_bytes is not None else repr(seg)
+
+
+### Output
+
+
+def markdown_table(header, rows) -> str:
+  """A Markdown table with padded columns."""
+  cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return "\n".join(lines)
+
+
+class _PlainProgress:
+  def __init__(self, total):
+    self.n, self.total = 0, total
+
+  def set_description(self, s):
+    print(f"[{min(self.n + 1, self.total)}/{self.total}] {s}", flush=True)
+
+  def update(self, k):
+    self.n += k
+
+  def close(self):
+    pass
+
+
+def make_progress(total: int, enabled: bool = True):
+  """A tqdm bar where available (and wanted), else one printed line per step, ``[k/total]``."""
+  if enabled:
+    try:
+      from tqdm.auto import tqdm
+
+      return tqdm(total=total, unit="step", leave=True)
+    except ImportError:
+      pass
+  return _PlainProgress(total)
+
+
+### Commands
+
+
+def bench_module(module: str):
   """A module of the repository's benchmark package, which the remat wheel does not ship."""
-  import importlib
-
   try:
     return importlib.import_module(f"remat_bench.{module}")
   except ImportError as e:
     raise SystemExit(
         f"remat: error: the reference models and the trade-off measurement live in the repository's "
         f"benchmark package `remat_bench`, which is not installed ({e}). From a clone of remat: "
-        "`pip install -e . -e bench`.") from None
-
-
-def _chain_args(p: argparse.ArgumentParser, *, depth: bool = True):
-  p.add_argument("--model", choices=("mlp", "transformer"), default="transformer",
-                 help="reference chain: tanh(x @ w) layers or transformer blocks (default: transformer)")
-  if depth:
-    p.add_argument("--depth", type=int, default=12, help="number of layers/blocks (default 12)")
-  p.add_argument("--width", type=int, default=256, help="features per layer (default 256)")
-  p.add_argument("--batch", type=int, default=None, help="batch size (default 8 transformer, 512 mlp)")
-  p.add_argument("--seq-len", type=int, default=128, help="sequence length, transformer (default 128)")
-  p.add_argument("--heads", type=int, default=4, help="attention heads, transformer (default 4)")
-
-
-def _chain(args, depth):
-  chains = _bench("chains")
-  batch = args.batch or (512 if args.model == "mlp" else 8)
-  return chains.Chain(model=args.model, depth=depth, width=args.width, batch=batch,
-                      seq_len=args.seq_len, heads=args.heads)
+        "`pip install -e . -e bench`; or plan your own model with --model path/to/file.py:factory.") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(
+  from remat._src.cli_model import CONTRACT
+
+  ap = OneLineParser(
       prog="remat", description="Activation checkpointing for JAX and Flax: plan where to checkpoint a "
       "model and measure the memory/compute trade-off from the compiled program.",
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  sub = ap.add_subparsers(dest="command", required=True)
+  sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-  p = sub.add_parser("plan", help="print the plan a segmenter makes, with predicted and compiled costs",
-                     description="Make a checkpointing plan for a reference model and check it by "
-                     "compiling the training step: prints the nested segments, the predicted temp "
-                     "memory and flops, and the compiled ones next to plain backprop's.")
-  _chain_args(p)
+  p = sub.add_parser(
+      "plan", help="print the plan a segmenter makes, with predicted and compiled costs",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=_wrap("Make a checkpointing plan for a chain of layers (a reference model or your own) "
+                        "and check it by compiling its training step: prints the nested segments, then "
+                        "the predicted and compiled temp memory and flops next to plain backprop's. "
+                        "Size flags set the reference models' sizes, and are passed as keywords to a "
+                        "factory of yours that takes them.") + "\n\n" + _wrap(BUDGET_COUNTS),
+      epilog=CONTRACT)
+  p.add_argument("--model", default="transformer",
+                 help="mlp | transformer (reference chains) | package.module:factory | "
+                 "path/to/file.py:factory (your own model, see below; default transformer)")
+  p.add_argument("--depth", type=positive_int("--depth", "12"), default=None,
+                 help="number of layers/blocks (default 12)")
+  p.add_argument("--width", type=positive_int("--width", "256"), default=None,
+                 help="features per layer (default 256)")
+  p.add_argument("--batch", type=positive_int("--batch", "8"), default=None,
+                 help="batch size (default 8 transformer, 512 mlp)")
+  p.add_argument("--seq-len", type=positive_int("--seq-len", "128"), default=None,
+                 help="sequence length, transformer (default 128)")
+  p.add_argument("--heads", type=positive_int("--heads", "4"), default=None,
+                 help="attention heads, transformer (default 4; must divide --width)")
   p.add_argument("--segmenter", default="sqrt",
                  help="sqrt | none | every:K | multilevel:L | revolve:S | budget:SIZE (default sqrt)")
-  p.add_argument("--budget", type=parse_bytes, default=None,
-                 help="memory budget for --segmenter budget, e.g. 2GiB or 64MiB")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--budget", type=size_arg, default=None,
+                 help="the size for --segmenter budget, e.g. 2GiB or 64MiB: a bound on the compiled temp "
+                 "memory of the chain's training step (see above)")
+  p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
 
   c = sub.add_parser("compare", help="measure the memory/compute table of every method",
                      description="Compile and run every method (standard, forward_only, no_storage, "
@@ -111,72 +216,154 @@ def build_parser() -> argparse.ArgumentParser:
                      "repository's benchmark package: pip install -e . -e bench). "
                      "`remat compare --help` lists its options.")
   del c  # its arguments are parsed by remat_bench.tradeoff (see `main`)
+  ap.subcommands = {"plan": p}  # their one-line errors name `remat plan`
   return ap
 
 
-def cmd_plan(args) -> int:
+def _wrap(text: str, width: int = 88) -> str:
+  import textwrap
+
+  return textwrap.fill(text, width)
+
+
+def cmd_plan(args, ap: argparse.ArgumentParser) -> int:
   import jax
 
-  from remat._src import profile, sequential
+  from remat._src import costs as costs_lib
+  from remat._src import profile
+  from remat._src.cli_model import ModelError, load_model
+  from remat._src.plan import Segment, make_plan
 
-  chains, tradeoff = _bench("chains"), _bench("tradeoff")
-
+  seg = _segmenter(args, ap)
+  sizes = {k: getattr(args, k) for k in ("depth", "width", "batch", "seq_len", "heads")}
   try:
-    if args.budget is not None and not args.segmenter.startswith("budget"):
-      raise argparse.ArgumentTypeError(
-          f"--budget applies to the budget segmenter, but --segmenter is {args.segmenter!r}; "
-          "use --segmenter budget --budget SIZE.")
-    seg = parse_segmenter(args.segmenter, args.budget)
-  except argparse.ArgumentTypeError as e:
-    print(f"remat plan: error: {e}", file=sys.stderr)
-    return 2
-  chain = _chain(args, args.depth)
-  specs = chain.specs()
-  bar = tradeoff.make_progress(3, not args.no_progress)
-  bar.set_description("plain backprop")
-  plain = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.mean_square(chain.chain_fn()(ps, x, k))),
-                          *specs)
+    model = load_model(args.model, **sizes)
+  except ModelError as e:
+    value = args.model if e.flag == "--model" else getattr(args, e.flag[2:].replace("-", "_"))
+    ap.error(f"argument {e.flag} {value}: {e}")
+  specs = model.specs()
+  label = segmenter_label(seg)
+  bar = make_progress(3, not args.no_progress)
+  bar.set_description("compiling plain backprop")
+  plain = profile.profile(model.step(), *specs)
   bar.update(1)
-  bar.set_description(f"planning {seg!r}")
+  bar.set_description(f"planning {label}")
   try:
-    plan = sequential.chain_plan(chain.layers, seg, *specs, compile=True)
-  except ValueError as e:
+    plan = model.plan(seg)
+  except ValueError as e:  # an infeasible budget: the message says the smallest one that fits
+    if getattr(seg, "max_bytes", None) is None:
+      raise
     bar.close()
-    print(f"remat plan: {e}", file=sys.stderr)
-    return 1
+    flag = "--budget" if args.budget is not None else "--segmenter"
+    ap.error(f"argument {flag} {args.budget_text or args.segmenter}: {e}")
+  costs = costs_lib.measure_costs(model.layers, *specs)  # cached: measured once per distinct layer
+  if plan.predicted_peak_bytes is None:
+    plan = make_plan(plan.root, costs, plan.num_layers, plan.segmenter)
+  plain_plan = make_plan(Segment(0, model.depth), costs, model.depth, "plain")
   bar.update(1)
   bar.set_description("compiling the plan")
-  apply = sequential.sequential(chain.layers, plan)
-  planned = profile.profile(jax.value_and_grad(lambda ps, x, k: chains.mean_square(apply(ps, x, k))), *specs)
+  planned = profile.profile(model.step(plan), *specs)
   bar.update(1)
   bar.close()
-  act = chain.activation_bytes
-  mib = lambda b: f"{b / 2**20:,.2f} MiB ({b / act:.1f} activations)"
-  print(f"\n{chain.model}: depth {chain.depth}, width {chain.width}, batch {chain.batch}"
-        + (f", seq_len {chain.seq_len}" if chain.model == "transformer" else "")
-        + f" on {jax.default_backend()}\n")
-  print(plan)
+
+  act = model.activation_bytes
+  size = lambda b: f"{format_bytes(b)} ({b / act:,.1f} act)" if b is not None else "n/a"  # noqa: E731
+  gflop = lambda f: f"{f / 1e9:,.3f}" if f is not None else "n/a"  # noqa: E731
+  print(f"\n{model.description} on {jax.default_backend()}; one activation (the chain's input) = "
+        f"{format_bytes(act)}\n")
+  print(f"Plan {label}, {plan.num_layers} layers: {plan.forward_evaluations} layer forward evaluations "
+        f"({plan.recomputed_evaluations} recomputed), {plan.stored_states} stored states")
+  print("\n".join(plan.root.lines(1)))
   print()
-  rows = [["plain backprop", mib(plain.temp_bytes), "", f"{plain.flops / 1e9:,.3f}", chain.depth],
-          [repr(seg), mib(planned.temp_bytes),
-           mib(plan.predicted_peak_bytes) if plan.predicted_peak_bytes is not None else "n/a",
-           f"{planned.flops / 1e9:,.3f}" + (f" (predicted {plan.predicted_flops / 1e9:,.3f})"
-                                            if plan.predicted_flops else ""),
-           plan.forward_evaluations]]
-  print(tradeoff.markdown_table(["schedule", "compiled temp", "predicted temp", "GFLOP / step",
-                                 "layer forward evaluations"], rows))
-  print(f"\nmemory {planned.temp_bytes / max(plain.temp_bytes, 1):.2f}x plain, "
-        f"flops {planned.flops / plain.flops:.2f}x plain")
+  rows = [["plain backprop", size(plain.temp_bytes), size(plain_plan.predicted_peak_bytes),
+           gflop(plain.flops), gflop(plain_plan.predicted_flops), model.depth],
+          [label, size(planned.temp_bytes), size(plan.predicted_peak_bytes), gflop(planned.flops),
+           gflop(plan.predicted_flops), plan.forward_evaluations]]
+  print(markdown_table(["schedule", "compiled temp", "predicted temp", "compiled GFLOP",
+                        "predicted GFLOP", "layer forward evaluations"], rows))
+  print(f"\ncompiled: memory {planned.temp_bytes / max(plain.temp_bytes, 1):.2f}x plain, "
+        f"flops {planned.flops / plain.flops:.2f}x plain.")
+  if getattr(seg, "max_bytes", None) is not None:
+    verdict = "fits" if planned.temp_bytes <= seg.max_bytes else "DOES NOT FIT"
+    print(f"budget {format_bytes(seg.max_bytes)}: the plan compiles to {format_bytes(planned.temp_bytes)}: "
+          f"{verdict}.")
+  print(f"Temp memory counts activations, residuals and working buffers of the chain's training step; "
+        f"not parameters ({format_bytes(plain.argument_bytes)} of arguments here), optimizer state or "
+        "gradients.")
   return 0
 
 
+def _segmenter(args, ap):
+  """The segmenter ``--segmenter`` and ``--budget`` describe; conflicting flags are refused."""
+  name, _, arg = args.segmenter.partition(":")
+  if args.budget is not None:
+    if name != "budget":
+      ap.error(f"argument --budget: applies to the budget segmenter, but --segmenter is {args.segmenter!r}; "
+               "use --segmenter budget --budget SIZE.")
+    if arg:
+      ap.error(f"argument --budget {args.budget_text}: conflicts with --segmenter {args.segmenter}; "
+               "give the size once: --segmenter budget:SIZE, or --segmenter budget --budget SIZE.")
+  try:
+    return parse_segmenter(args.segmenter, args.budget)
+  except ValueError as e:
+    ap.error(f"argument --segmenter {args.segmenter}: {e}")
+
+
 def cmd_compare(argv) -> int:
-  return _bench("tradeoff").main(argv, prog="remat compare")
+  try:
+    return bench_module("tradeoff").main(argv, prog="remat compare")
+  except SystemExit as e:  # a bad option (one line printed, status 2), or --help (0)
+    if isinstance(e.code, int) or e.code is None:
+      return int(e.code or 0)
+    raise
+
+
+# Options that take a value which may start with "-" (a mistaken negative size):
+# joined as --opt=value so that the value's own check reports it.
+_VALUE_OPTIONS = ("--budget", "--segmenter", "--model", "--depth", "--width", "--batch", "--seq-len",
+                  "--heads")
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+       and not argv[i + 1].startswith("--"):
+      out.append(f"{a}={argv[i + 1]}")
+      i += 2
+      continue
+    out.append(a)
+    i += 1
+  return out
+
+
+def _option_text(argv: list[str], option: str) -> str | None:
+  """What the user wrote after ``option`` (the last time), for messages."""
+  text = None
+  for i, a in enumerate(argv):
+    if a.startswith(option + "="):
+      text = a.split("=", 1)[1]
+    elif a == option and i + 1 < len(argv):
+      text = argv[i + 1]
+  return text
 
 
 def main(argv=None) -> int:
+  """Runs the command line; returns the exit status (2 for a bad option, after one line on stderr)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["compare"]:
-    return cmd_compare(argv[1:])
-  args = build_parser().parse_args(argv)
-  return {"plan": cmd_plan}[args.command](args)
+    return cmd_compare(_join_dash_values(argv[1:]))
+  argv = _join_dash_values(argv)
+  ap = build_parser()
+  try:
+    args = ap.parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  args.budget_text = _option_text(argv, "--budget")
+  try:
+    return {"plan": cmd_plan}[args.command](args, ap.subcommands[args.command])
+  except SystemExit as e:  # `parser.error`: one line printed, status 2
+    if isinstance(e.code, int):
+      return e.code
+    raise

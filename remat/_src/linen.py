@@ -197,10 +197,15 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
     static = set()
     for i in static_argnums:
       if i >= len(args):
+        # The index was checked against the method's signature when the class was wrapped, so
+        # the caller left the argument out or passed it by keyword.
+        kw = f" (and the keywords {', '.join(sorted(kwargs))})" if kwargs else ""
         raise ValueError(
-            f"the `static_argnums` argument to {_API} is out of range: index {i + 1} "
-            f"(counting `self` as 0) for a call of `{name}` with {len(args) + 1} "
-            "positional arguments. Pass that argument positionally, or fix the index.")
+            f"{_API}: `static_argnums` names position {i + 1} of `{name}` (counting `self` as 0), "
+            f"but this call passed only {len(args) + 1} positional arguments{kw}. Pass that argument "
+            "positionally. If the module sits in `flax.linen.Sequential`, that is the cause: it "
+            "passes extra arguments such as `train` to its first layer only; call the blocks "
+            "yourself, or use `remat.linen.Sequential`, which passes them to every layer.")
       if adapter_util.has_array(args[i]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i + 1} of `{name}` (counting "

@@ -35,6 +35,7 @@ from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
+from remat._src import compile as compile_lib
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
 from remat._src import tangent as tangent_lib
@@ -284,6 +285,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
 
   @functools.wraps(fn)
   def checkpointed(*args, **kwargs):
+    compile_lib.check_cpu_barriers()  # warns once where XLA:CPU would undo the checkpoint
     nums = _normalize_static(static_argnums, len(args), fn)
     static = {i: args[i] for i in sorted(nums)}
     for i, v in static.items():
