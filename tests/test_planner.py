@@ -273,10 +273,12 @@ def test_budget_is_never_worse_than_a_uniform_plan_on_a_transformer_chain(seg):
   m = uniform.compiled_temp_bytes
   plan = remat.sequential(layers, S.budget(m)).plan_for(ps, x, key)
   assert plan.compiled_temp_bytes <= m and plan.predicted_flops <= uniform.predicted_flops
-  # On blocks this small, fixed buffers weigh: predictions miss by up to 14% (0-4% at width 64, 8
-  # blocks); the verification compile is what holds the budget.
-  for p in (uniform, plan):
-    assert abs(p.predicted_peak_bytes - p.compiled_temp_bytes) <= 0.15 * p.compiled_temp_bytes, str(p)
+  # On blocks this small, fixed buffers weigh: predictions of whole-block plans miss by up to 14%
+  # (0-4% at width 64, 8 blocks), and plans with per-block policies run up to 20% high (docs/facts.md,
+  # fact 16); the verification compile is what holds the budget.
+  assert abs(uniform.predicted_peak_bytes - m) <= 0.15 * m, str(uniform)
+  tol = 0.2 if any(plan.layer_policies) else 0.15
+  assert abs(plan.predicted_peak_bytes - plan.compiled_temp_bytes) <= tol * plan.compiled_temp_bytes, str(plan)
 
 
 def test_budget_recomputes_nothing_where_plain_fits_and_replans_per_shape():
