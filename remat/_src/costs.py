@@ -137,19 +137,25 @@ def _policy_costs(f, p_spec, x_spec, key_spec, y_spec, tape: LayerCost, wanted=N
   ratio = policies_lib.device_ratio(x_spec)
   options = wanted if wanted is not None else policies_lib.menu(f, p_spec, x_spec, key_spec,
                                                                  step_flops=lowered_flops)
+  # What each policy keeps: the layer's input and the residuals jax saves under it (named tensors
+  # or matmul outputs: exact at the jaxpr level).
+  kept_of = {}
   for option in options:
-    # What the policy keeps: the layer's input and the residuals jax saves under it (named or
-    # matmul outputs: exact at the jaxpr level); the working set and flops from one compile of
-    # the layer taped under it.
-    policy = policies_lib.policy_of(option)
-    ck_fn = jax.checkpoint(f, policy=policy)
+    ck_fn = jax.checkpoint(f, policy=policies_lib.policy_of(option))
     res = profile_lib.saved_residuals(lambda p, x, k, g=ck_fn: reference_loss(g(p, x, k)), p_spec, x_spec,
                                       key_spec)
-    kept = tape.input_bytes + int(ratio * sum(r.bytes for r in res if "argument" not in r.source))
+    kept_of[option] = tape.input_bytes + int(ratio * sum(r.bytes for r in res if "argument" not in r.source))
+  if wanted is None:  # compile only the options that no other keeps less than at fewer flops
+    options = [o for o in options if not any(
+        kept_of[q] <= kept_of[o] and lowered_flops(q) <= lowered_flops(o)
+        and (kept_of[q], lowered_flops(q)) != (kept_of[o], lowered_flops(o)) for q in options)]
+  for option in options:
+    # The working set and flops from one compile of the layer taped under the policy.
     one = _profile_cached(("policy", ck[1], option), reference_step(under(option)), p_spec, x_spec,
                           key_spec)
     # (When the layer's forward pass peaks higher than its backward, this over-states the
     # backward's working set: predictions of such options run 10-20% high; verification holds.)
+    kept = kept_of[option]
     found.append((option, dataclasses.replace(
         tape, kept_bytes=kept, transient_bytes=max(one.temp_bytes - kept, 0), step_flops=one.flops)))
   kept_options = []

@@ -15,7 +15,8 @@ stay plain data:
 :func:`menu` finds the names a layer carries and proposes a short list of
 name subsets: starting from every name saved, it drops, one at a time, the
 name that frees the most bytes per recomputed flop (flops read from the
-lowered program, which is cheap: no XLA compile), until none is saved. The planner measures each
+lowered program, which is cheap: no XLA compile), until none is saved; and every
+name but one. The planner measures each
 option with XLA like any layer and keeps the options that no other dominates.
 """
 
@@ -110,7 +111,10 @@ def menu(fn: Callable, p_spec: Any, x_spec: Any, key_spec: Any, *, step_flops: C
   # What recomputing each name alone costs; drop first the names that free the most bytes per flop.
   extra = {n: max(step_flops(save([m for m in kept if m != n])) - base, 0.0) for n in kept}
   order = sorted(kept, key=lambda n: -names[n] / (extra[n] + 1.0))
-  return options + [save(order[i:]) for i in range(len(order) + 1)]
+  chain = [save(order[i:]) for i in range(len(order) + 1)]
+  # Every name but one: what a hand-picked policy often is (all projections, not the context).
+  but_one = [save([m for m in kept if m != n]) for n in kept]
+  return options + list(dict.fromkeys(chain + but_one))
 
 
 def _walk(jaxpr):
