@@ -10,6 +10,9 @@ transform. ``flax.linen.remat`` puts ``jax.checkpoint`` in the middle; we put
 ``optimization_barrier`` that includes the cotangent). Because the RNG keys
 and the variables are arguments, the recomputation sees the same keys (same
 dropout masks) and the collections are updated once, from the forward pass.
+The keys pass through one ``optimization_barrier`` with the method's array
+arguments before the checkpoint, so XLA cannot generate every block's dropout
+bits at the start of the step (docs/facts.md, fact 11).
 
 Differences from ``flax.linen.remat``, all on purpose:
 
@@ -87,7 +90,10 @@ def checkpoint(
     same auto-generated names), so weights load unchanged.
   * RNG streams (``dropout`` and any stream read with ``make_rng``) are passed
     as explicit keys: the recomputation draws the same masks, and gradients
-    equal those of the plain module with the same ``rngs``.
+    equal those of the plain module with the same ``rngs``. The keys are tied
+    to the method's inputs, so per-block checkpoints with dropout compile to
+    less memory than ``nn.remat``'s (whose dropout bits XLA:CPU may generate
+    for every block up front).
   * Mutable collections (``batch_stats``, ``intermediates``, caches) are
     updated once, from the forward pass, with the values the plain module
     gives.

@@ -8,7 +8,9 @@ and the state the function changed (``BatchStat`` updates, RNG counters) comes
 out as an output and is written back once. We put ``remat.checkpoint`` in the
 middle. The RNG stream's key and count are inputs, so the recomputation in the
 backward pass draws the same dropout masks, and the count advances exactly
-once, as without checkpointing.
+once, as without checkpointing. They pass through one ``optimization_barrier``
+with the array arguments before the checkpoint, so XLA cannot generate every
+block's dropout bits at the start of the step (docs/facts.md, fact 11).
 
 ``graph=False`` (tree mode) and ``graph_updates=False`` follow ``nnx.remat``'s
 other composition: flax's own ``SimpleRematFn`` (modules as pytrees, changed
@@ -86,7 +88,9 @@ def checkpoint(
 
   * ``nnx.Dropout`` with ``nnx.Rngs``: the recomputation uses the same key, and
     the stream's count advances exactly as without checkpointing, so the next
-    call draws fresh masks.
+    call draws fresh masks. Key and count are tied to the function's array
+    inputs, so per-block checkpoints with dropout compile to less memory than
+    ``nnx.remat``'s.
   * ``BatchStat`` (``nnx.BatchNorm`` running statistics) and other state the
     function changes are written back once, from the forward pass.
   * Works under ``nnx.jit``, ``nnx.grad``, ``nnx.scan`` and ``jax.jit``. On
