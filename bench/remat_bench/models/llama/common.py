@@ -19,6 +19,10 @@ Tags (``jax.ad_checkpoint.checkpoint_name``), placed where MaxText places them:
   for ``wi_0``/``wi_1``); with ``fused_mlp=True`` one kernel ``wi`` of shape
   ``(width, 2, mlp_dim)`` and the single tag ``mlpwi``, as MaxText's ``fused_mlp``;
 * ``mlpwo`` — after the MLP output projection.
+
+Dropout (``dropout_rate``) acts on the attention probabilities and on each residual branch
+before it is added; MaxText's Llama layer instead drops the whole layer output, broadcast along
+the sequence. The tags do not depend on it.
 """
 
 from __future__ import annotations
@@ -107,32 +111,30 @@ def rotary(x: jax.Array, theta: float) -> jax.Array:
 def attention(p: dict, x: jax.Array, *, dropout: Callable[[jax.Array], jax.Array], theta: float,
               dtype: Any) -> jax.Array:
   """Causal multi-head self-attention of ``x[batch, length, width]``; ``p`` holds the kernels."""
-  dense = jnp.einsum
-  q = dense("btd,dhk->bthk", x, p["query"].astype(dtype))
-  k = dense("btd,dhk->bthk", x, p["key"].astype(dtype))
-  v = dense("btd,dhk->bthk", x, p["value"].astype(dtype))
+  q = jnp.einsum("btd,dhk->bthk", x, p["query"].astype(dtype))
+  k = jnp.einsum("btd,dhk->bthk", x, p["key"].astype(dtype))
+  v = jnp.einsum("btd,dhk->bthk", x, p["value"].astype(dtype))
   q = checkpoint_name(rotary(q, theta), "query_proj")
   k = checkpoint_name(rotary(k, theta), "key_proj")
   v = checkpoint_name(v, "value_proj")
   t, hd = x.shape[1], q.shape[-1]
-  logits = dense("bqhk,bshk->bhqs", q * jnp.asarray(hd ** -0.5, dtype), k).astype(jnp.float32)
+  logits = jnp.einsum("bqhk,bshk->bhqs", q * jnp.asarray(hd ** -0.5, dtype), k).astype(jnp.float32)
   logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
   probs = dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
-  context = checkpoint_name(dense("bhqs,bshk->bqhk", probs, v), "context")
-  return checkpoint_name(dense("bqhk,hkd->bqd", context, p["out"].astype(dtype)), "out_proj")
+  context = checkpoint_name(jnp.einsum("bhqs,bshk->bqhk", probs, v), "context")
+  return checkpoint_name(jnp.einsum("bqhk,hkd->bqd", context, p["out"].astype(dtype)), "out_proj")
 
 
 def swiglu(p: dict, x: jax.Array, *, dtype: Any) -> jax.Array:
   """``(silu(x W_gate) * x W_up) W_out``; ``p`` holds ``wi_0``/``wi_1`` (or the fused ``wi``) and ``wo``."""
-  dense = jnp.einsum
   if "wi" in p:
-    h = checkpoint_name(dense("btd,dnf->btnf", x, p["wi"].astype(dtype)), "mlpwi")
+    h = checkpoint_name(jnp.einsum("btd,dnf->btnf", x, p["wi"].astype(dtype)), "mlpwi")
     gate, up = h[:, :, 0], h[:, :, 1]
   else:
-    gate = checkpoint_name(dense("btd,df->btf", x, p["wi_0"].astype(dtype)), "mlpwi_0")
-    up = checkpoint_name(dense("btd,df->btf", x, p["wi_1"].astype(dtype)), "mlpwi_1")
+    gate = checkpoint_name(jnp.einsum("btd,df->btf", x, p["wi_0"].astype(dtype)), "mlpwi_0")
+    up = checkpoint_name(jnp.einsum("btd,df->btf", x, p["wi_1"].astype(dtype)), "mlpwi_1")
   h = jax.nn.silu(gate) * up
-  return checkpoint_name(dense("btf,fd->btd", h, p["wo"].astype(dtype)), "mlpwo")
+  return checkpoint_name(jnp.einsum("btf,fd->btd", h, p["wo"].astype(dtype)), "mlpwo")
 
 
 def block(p: dict, x: jax.Array, *, drop_probs: Callable, drop_attn: Callable, drop_mlp: Callable,
@@ -155,8 +157,10 @@ def logits(x: jax.Array, embedding: jax.Array, head: jax.Array | None, dtype: An
 ### MaxText's remat presets
 
 # MaxText's `remat_policy` presets, from `Decoder.get_remat_policy` and `minimal_policy` in
-# AI-Hypercomputer/maxtext `src/maxtext/layers/decoders.py` (the same lists appear in the older
-# `MaxText/layers/decoders.py`), ordered as its `base.yml` orders them: fastest and most memory first.
+# AI-Hypercomputer/maxtext `src/maxtext/layers/decoders.py` (current main; older versions under
+# `MaxText/layers/` lacked `kv_proj` and made `minimal` `checkpoint_dots_with_no_batch_dims` and
+# `minimal_offloaded` `offload_dot_with_no_batch_dims`), ordered as its config orders them: fastest
+# and most memory first.
 # `kv_proj` and `qkv_proj` (MLA and fused-QKV attention) are listed as MaxText lists them; our
 # block does not produce them, and a name a block lacks saves nothing.
 _QKV = ("query_proj", "value_proj", "key_proj", "kv_proj", "qkv_proj")
