@@ -16,6 +16,7 @@ On XLA:CPU host offload moves nothing (both offload rows keep their values on
 device); run on a GPU for the real offload comparison.
 
     python experiments/bench_peers.py [--depth 12 --width 128 --batch 4 --seq-len 128 --rounds 7]
+                                      [--pairs linen nnx]   # a subset, by the first word of its name
 """
 
 from __future__ import annotations
@@ -125,11 +126,15 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--pairs", nargs="*", default=None,
+                  help="run only these pairs: per, offload, linen, nnx, scanned (default: all)")
   a = ap.parse_args(argv)
 
   pairs = {}
   for make in (per_block_steps, linen_steps, nnx_steps, scan_steps):
     pairs.update(make(a))
+  if a.pairs:
+    pairs = {name: spec for name, spec in pairs.items() if name.split()[0] in a.pairs}
   env = tradeoff.environment()
   rows = []
   bar = tradeoff.make_progress(len(pairs))

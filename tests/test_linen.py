@@ -34,14 +34,14 @@ def lm_setup():
 
 
 @functools.lru_cache(maxsize=None)
-def lm_grad_fn(kind):
+def lm_grad_fn(kind, jit=jax.jit):
   model = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=16, depth=2, width=32, heads=4,
                                dropout_rate=0.2, block_wrapper=WRAPPERS[kind])
 
   def loss(params, x, y, key):
     return xent(model.apply({"params": params}, x, True, rngs={"dropout": key}), y)
 
-  return jax.jit(jax.value_and_grad(loss))
+  return jit(jax.value_and_grad(loss))
 
 
 def test_parameter_tree_identical_auto_names_and_explicit_names():
@@ -84,6 +84,16 @@ def test_dropout_gradients_equal_plain(kind):
   # Dropout is really on: another key gives another loss.
   loss2, _ = lm_grad_fn("ours")(params, x, y, jax.random.key(8))
   assert abs(float(loss2) - float(loss0)) > 1e-4
+
+
+@pytest.mark.parametrize("jit", [jax.jit, remat.jit], ids=["jax.jit", "remat.jit"])
+def test_dropout_gradients_bit_identical_to_plain_with_keys_tied(jit):
+  # Each block's keys pass through an optimization_barrier with its input (docs/facts.md,
+  # fact 11); the barrier is the identity, kept by remat.jit and removed by jax.jit on CPU.
+  x, y, params = lm_setup()
+  key = jax.random.key(7)
+  chex.assert_trees_all_equal(lm_grad_fn("ours", jit)(params, x, y, key),
+                              lm_grad_fn("plain", jit)(params, x, y, key))
 
 
 def test_dropout_gradients_with_train_flag_as_keyword_and_no_static_argnums():
@@ -322,10 +332,12 @@ def lm_profile(kind, depth=6):
   return remat.profile(remat.jit(step, donate_argnums=0), params, x, jax.random.key(0))
 
 
-def test_compiled_memory_and_forward_count_match_flax_remat():
+def test_compiled_memory_below_flax_remat_and_forward_count_matches():
   plain, flx, mine = (lm_profile(k) for k in ("plain", "flax", "ours"))
   assert mine.temp_bytes < 0.6 * plain.temp_bytes, (mine, plain)
-  assert abs(mine.temp_bytes - flx.temp_bytes) <= 0.05 * flx.temp_bytes, (mine, flx)
+  # With dropout, nn.remat lets XLA:CPU generate every block's dropout bits at the start of the
+  # step; our keys are tied to each block's input (docs/facts.md, fact 11). Measured 0.64.
+  assert mine.temp_bytes < 0.8 * flx.temp_bytes, (mine, flx)
   # Dense layers compile to dots contracting (1,)/(0,): 4 per block and the head. With
   # per-block checkpointing the backward recomputes each block; the last dense of each block
   # (fc2) is not needed by the backward and is pruned, so 3 more per block, as with flax.

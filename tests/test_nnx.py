@@ -65,6 +65,41 @@ def test_dropout_gradients_and_rng_state_equal_plain_over_two_calls(kind):
   assert int(other.blocks[0].drop1.rngs.count[...]) == int(plain.blocks[0].drop1.rngs.count[...]) > 0
 
 
+@pytest.mark.parametrize("mode", [{}, {"graph": False}, {"graph": True, "graph_updates": False}],
+                         ids=["graph", "tree", "no_graph_updates"])
+def test_dropout_gradients_bit_identical_to_plain_with_rng_state_tied(mode):
+  # Each block's RNG key and count pass through an optimization_barrier with its input
+  # (docs/facts.md, fact 11), in graph and tree mode; the barrier is the identity, and
+  # remat.jit keeps it on CPU.
+  x, y = batch()
+  wrap = functools.partial(remat.nnx.checkpoint, **mode)
+  plain = lm("plain")
+  other = models.TransformerLM(vocab=data.VOCAB_SIZE, seq_len=16, depth=2, width=32, heads=4,
+                               dropout_rate=0.2, block_wrapper=wrap,
+                               rngs=nnx.Rngs(params=0, dropout=1))
+  graphdef0, state0 = nnx.split(plain)
+  graphdef1, state1 = nnx.split(other)
+
+  def step(graphdef):
+    def f(state):
+      m = nnx.merge(graphdef, state)
+      out = nnx.value_and_grad(lambda m: xent(m(x), y))(m)
+      return out, nnx.state(m, nnx.RngState)
+    return remat.jit(f)
+
+  step0, step1 = step(graphdef0), step(graphdef1)
+  losses = []
+  for _ in range(2):
+    out0, rng0 = step0(state0)
+    out1, rng1 = step1(state1)
+    chex.assert_trees_all_equal(out1, out0)
+    chex.assert_trees_all_equal(key_data(rng1), key_data(rng0))  # streams advanced alike
+    state0 = nnx.merge_state(state0, rng0)
+    state1 = nnx.merge_state(state1, rng1)
+    losses.append(float(out1[0]))
+  assert losses[0] != losses[1]  # the second step drew fresh masks
+
+
 def test_method_decorator_with_deterministic_keyword():
   class Block(nnx.Module):
     def __init__(self, rngs):
@@ -196,10 +231,12 @@ def lm_profile(kind, depth=6):
   return remat.profile(remat.jit(step, donate_argnums=(0, 1)), params, rest, x)
 
 
-def test_compiled_memory_and_forward_count_match_nnx_remat():
+def test_compiled_memory_below_nnx_remat_and_forward_count_matches():
   plain, flx, mine = (lm_profile(k) for k in ("plain", "flax", "ours"))
   assert mine.temp_bytes < 0.6 * plain.temp_bytes, (mine, plain)
-  assert abs(mine.temp_bytes - flx.temp_bytes) <= 0.05 * flx.temp_bytes, (mine, flx)
+  # With dropout, nnx.remat lets XLA:CPU generate every block's dropout bits at the start of the
+  # step; our RNG state is tied to each block's input (docs/facts.md, fact 11). Measured 0.64.
+  assert mine.temp_bytes < 0.8 * flx.temp_bytes, (mine, flx)
   fwd = lambda p: p.forward_dots()
   assert fwd(plain) == 4 * 6 + 1
   assert fwd(mine) == fwd(flx) == fwd(plain) + 3 * 6

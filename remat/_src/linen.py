@@ -10,6 +10,9 @@ transform. ``flax.linen.remat`` puts ``jax.checkpoint`` in the middle; we put
 ``optimization_barrier`` that includes the cotangent). Because the RNG keys
 and the variables are arguments, the recomputation sees the same keys (same
 dropout masks) and the collections are updated once, from the forward pass.
+The keys pass through one ``optimization_barrier`` with the method's array
+arguments before the checkpoint, so XLA cannot generate every block's dropout
+bits at the start of the step (docs/facts.md, fact 11).
 
 Differences from ``flax.linen.remat``, all on purpose:
 
@@ -87,7 +90,10 @@ def checkpoint(
     same auto-generated names), so weights load unchanged.
   * RNG streams (``dropout`` and any stream read with ``make_rng``) are passed
     as explicit keys: the recomputation draws the same masks, and gradients
-    equal those of the plain module with the same ``rngs``.
+    equal those of the plain module with the same ``rngs``. The keys are tied
+    to the method's inputs, so per-block checkpoints with dropout compile to
+    less memory than ``nn.remat``'s (whose dropout bits XLA:CPU may generate
+    for every block up front).
   * Mutable collections (``batch_stats``, ``intermediates``, caches) are
     updated once, from the forward pass, with the values the plain module
     gives.
@@ -227,10 +233,32 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
     checkpointed = transform_lib.checkpoint(
         rematted, static_argnums=tuple(sorted(i + 2 for i in static)), policy=policy,
         offload=offload, prevent_cse=prevent_cse)
+    rng_groups, args, dyn_kwargs = _tie_keys(rng_groups, args, dyn_kwargs, static)
     return checkpointed(variable_groups, rng_groups, *args, **dyn_kwargs)
 
   return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat",
                    enable_kwargs=True)
+
+
+def _tie_keys(rng_groups, args, dyn_kwargs, static):
+  """The PRNG keys and the dynamic arguments through one ``optimization_barrier``.
+
+  Random bits depend on the key alone, so without this XLA:CPU may generate the
+  dropout bits of every checkpointed block at the start of the step and keep
+  them all alive (docs/facts.md, fact 11). Tied to the block's inputs, a key is
+  available only when the block runs. Values are unchanged (the barrier is the
+  identity), and nothing is tied when no RNG stream is lifted. The variables
+  stay out, as in ``remat.sequential``'s ``call_tied``.
+  """
+  if not jax.tree_util.tree_leaves(rng_groups):
+    return rng_groups, args, dyn_kwargs
+  dyn = [i for i in range(len(args)) if i not in static]
+  rng_groups, tied, dyn_kwargs = transform_lib._barrier(
+      (rng_groups, [args[i] for i in dyn], dyn_kwargs))
+  args = list(args)
+  for i, a in zip(dyn, tied, strict=True):
+    args[i] = a
+  return rng_groups, tuple(args), dyn_kwargs
 
 
 def _shift_offload(offload):

@@ -8,7 +8,9 @@ and the state the function changed (``BatchStat`` updates, RNG counters) comes
 out as an output and is written back once. We put ``remat.checkpoint`` in the
 middle. The RNG stream's key and count are inputs, so the recomputation in the
 backward pass draws the same dropout masks, and the count advances exactly
-once, as without checkpointing.
+once, as without checkpointing. They pass through one ``optimization_barrier``
+with the array arguments before the checkpoint, so XLA cannot generate every
+block's dropout bits at the start of the step (docs/facts.md, fact 11).
 
 ``graph=False`` (tree mode) and ``graph_updates=False`` follow ``nnx.remat``'s
 other composition: flax's own ``SimpleRematFn`` (modules as pytrees, changed
@@ -86,7 +88,9 @@ def checkpoint(
 
   * ``nnx.Dropout`` with ``nnx.Rngs``: the recomputation uses the same key, and
     the stream's count advances exactly as without checkpointing, so the next
-    call draws fresh masks.
+    call draws fresh masks. Key and count are tied to the function's array
+    inputs, so per-block checkpoints with dropout compile to less memory than
+    ``nnx.remat``'s.
   * ``BatchStat`` (``nnx.BatchNorm`` running statistics) and other state the
     function changes are written back once, from the forward pass.
   * Works under ``nnx.jit``, ``nnx.grad``, ``nnx.scan`` and ``jax.jit``. On
@@ -206,7 +210,12 @@ def _graph_transformed(f, static, *, policy, offload, prevent_cse):
   merged = general.merge_inputs(f, ctxtag=_CTXTAG)
   inner = transform_lib.checkpoint(merged, static_argnums=static, policy=policy,
                                    offload=offload, prevent_cse=prevent_cse)
-  return graphlib.update_context(_CTXTAG)(general.split_inputs(inner, ctxtag=_CTXTAG))
+
+  @functools.wraps(inner)
+  def tied(*pure_args):
+    return inner(*_tie_rng_state(pure_args, static))
+
+  return graphlib.update_context(_CTXTAG)(general.split_inputs(tied, ctxtag=_CTXTAG))
 
 
 def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):
@@ -219,13 +228,44 @@ def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):
     if graph:
       args = extract.to_tree2(args)
     variables = extract.check_no_aliases("remat", args=args, kwargs={})
-    out, updates = inner(*args)
+    out, updates = inner(*_tie_rng_state(args, static))
     if graph:
       out = extract.from_tree2(out)
     extract.apply_updates(variables, updates)
     return out
 
   return call
+
+
+def _tie_rng_state(args, static):
+  """RNG state (``RngKey``, ``RngCount``) and the array arguments through one ``optimization_barrier``.
+
+  Random bits depend on the key and count alone, so without this XLA:CPU may
+  generate the dropout bits of every checkpointed block at the start of the
+  step and keep them all alive (docs/facts.md, fact 11). Tied to the block's
+  inputs, they are available only when the block runs. Values are unchanged
+  (the barrier is the identity); parameters and other state stay out, and
+  nothing is tied when the arguments carry no RNG state.
+  """
+  is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+  flat = [None if i in static else jax.tree_util.tree_flatten(a, is_leaf=is_var)
+          for i, a in enumerate(args)]
+  if not any(isinstance(leaf, nnx.RngState) for f in flat if f for leaf in f[0]):
+    return args
+  picked = []  # (argument, leaf, sub-treedef or None for a plain array, values)
+  for i, f in enumerate(flat):
+    for j, leaf in enumerate(f[0] if f else ()):
+      if isinstance(leaf, nnx.RngState):
+        values, sub = jax.tree_util.tree_flatten(leaf)
+        picked.append((i, j, sub, values))
+      elif not is_var(leaf) and hasattr(leaf, "dtype"):
+        picked.append((i, j, None, [leaf]))
+  tied = transform_lib._barrier([values for *_, values in picked])
+  leaves = {i: list(f[0]) for i, f in enumerate(flat) if f}
+  for (i, j, sub, _), values in zip(picked, tied, strict=True):
+    leaves[i][j] = values[0] if sub is None else jax.tree_util.tree_unflatten(sub, values)
+  return tuple(a if i in static else jax.tree_util.tree_unflatten(flat[i][1], leaves[i])
+               for i, a in enumerate(args))
 
 
 def _name(f) -> str:
