@@ -97,7 +97,8 @@ def measure(length: int, log=print) -> list[dict]:
   by_memory = sorted(presets.items(), key=lambda kv: kv[1].temp_bytes)
   targets = [(f"at {n}", p.temp_bytes) for n, p in by_memory]
   targets += [(f"between {a} and {b}", (pa.temp_bytes + pb.temp_bytes) // 2)
-              for (a, pa), (b, pb) in zip(by_memory, by_memory[1:], strict=False) if pb.temp_bytes > pa.temp_bytes]
+              for (a, pa), (b, pb) in zip(by_memory, by_memory[1:], strict=False)
+              if pb.temp_bytes > pa.temp_bytes]
   targets.append(("a third of plain", plain.temp_bytes // 3))
   for label, memory in targets:
     t = time.time()
@@ -109,8 +110,9 @@ def measure(length: int, log=print) -> list[dict]:
       log(f"  T={length} planner {label}: infeasible")
       continue
     fitting = [p.flops for p in presets.values() if p.temp_bytes <= memory]
-    rows.append(dict(length=length, kind="planner", name=label, memory_bytes=memory, temp_bytes=prof.temp_bytes,
-                     flops=prof.flops, plan=describe(plan), best_preset_flops=min(fitting) if fitting else "",
+    rows.append(dict(length=length, kind="planner", name=label, memory_bytes=memory,
+                     temp_bytes=prof.temp_bytes, flops=prof.flops, plan=describe(plan),
+                     best_preset_flops=min(fitting) if fitting else "",
                      seconds=round(time.time() - t, 1)))
     log(f"  T={length} planner {label}: temp {prof.temp_bytes / act:.1f} act (memory {memory / act:.1f}), "
         f"{prof.flops / 1e9:.1f} GFLOP; best preset that fits "
@@ -135,8 +137,9 @@ def check(rows) -> list[tuple[str, bool]]:
         out.append((f"T={length} {r['name']}: fits with fewer flops than the best preset that fits "
                     f"({r['flops'] / best:.3f}x)", fits and r["flops"] < best))
       elif r["name"] == "a third of plain":
-        out.append((f"T={length} at a third of plain's memory: {plain['temp_bytes'] / r['temp_bytes']:.2f}x less "
-                    f"memory than plain at {r['flops'] / plain['flops']:.3f}x its flops (goal at T=4096: "
+        out.append((f"T={length} at a third of plain's memory: "
+                    f"{plain['temp_bytes'] / r['temp_bytes']:.2f}x less memory than plain at "
+                    f"{r['flops'] / plain['flops']:.3f}x its flops (goal at T=4096: "
                     ">= 3x at <= 1.10x)", fits and (length != 4096 or r["flops"] <= 1.10 * plain["flops"])))
   return out
 
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
   rows = []
   for length in args.lengths:
     rows += measure(length)
-  cols = ["length", "kind", "name", "memory_bytes", "temp_bytes", "flops", "best_preset_flops", "seconds", "plan"]
+  cols = ["length", "kind", "name", "memory_bytes", "temp_bytes", "flops", "best_preset_flops", "seconds",
+          "plan"]
   with open(os.path.join(args.out, "policies.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
