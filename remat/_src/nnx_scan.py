@@ -33,6 +33,7 @@ from remat._src import adapter_util
 from remat._src import execute
 from remat._src import scanned
 from remat._src import segmenters as seg_lib
+from remat._src import specs
 from remat._src.plan import Plan
 
 _API = "`remat.nnx.scan`"
@@ -221,7 +222,7 @@ def _run(f, segmenter, blocks, x, args, kwargs, *, plan_only: bool, api: str):
   one = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)  # noqa: E731
   plan = scanned.plan_stack(
       segmenter, n, api=api, layer=(lambda pr, x, k: layer(pr[0], x, pr[1])[0]) if needs_costs else None,
-      p_spec=one((params, rest)), x_spec=jax.ShapeDtypeStruct(x.shape, x.dtype), k_spec=None)
+      p_spec=one((params, rest)), x_spec=specs.spec(x), k_spec=None)
   if plan_only:
     return plan
   if not plan.scanned:
