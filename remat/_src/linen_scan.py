@@ -41,6 +41,7 @@ from remat._src import adapter_util
 from remat._src import execute
 from remat._src import scanned
 from remat._src import specs
+from remat._src.plan import Plan
 
 _API = "`remat.linen.scan`"
 
@@ -172,7 +173,7 @@ def _lift_scan(fn: Callable, *, mode: str, length: int, segmenter: Any, variable
       return fn(scopes, x, *args, **kwargs)
 
     first = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)  # noqa: E731
-    needs_layer = segmenter is not None and getattr(segmenter, "needs_costs", False)
+    needs_layer = segmenter is not None and not isinstance(segmenter, Plan) and segmenter.needs_costs
     if needs_layer and adapter_util.has_array((args, kwargs)):
       raise NotImplementedError(
           f"{_API}: `{segmenter!r}` measures one block in a compile of its own, which cannot see "
@@ -181,7 +182,7 @@ def _lift_scan(fn: Callable, *, mode: str, length: int, segmenter: Any, variable
                               p_spec=first(variable_groups), x_spec=specs.spec(x), k_spec=first(keys))
     if mode == "plan":
       return plan, ()
-    if not plan.scanned:  # only a cost-based segmenter's report gets here
+    if not plan.scanned:  # refused when the class was made; a report only through `plan_for`
       raise scanned.NotScannableError(plan.reason)
     y = execute.scan_levels(layer, list(plan.levels), variable_groups, x, keys,
                             policy=execute.layer_policy(plan.plan))
