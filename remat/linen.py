@@ -7,6 +7,8 @@ Example:
 """
 
 from remat._src.linen import TransformTargetError, checkpoint
+from remat._src.linen_scan import scan
 from remat._src.linen_sequential import Sequential
+from remat._src.scanned import NotScannableError, ScanPlan
 
-__all__ = ["TransformTargetError", "Sequential", "checkpoint"]
+__all__ = ["NotScannableError", "ScanPlan", "TransformTargetError", "Sequential", "checkpoint", "scan"]

@@ -7,6 +7,9 @@ Example:
 """
 
 from remat._src.nnx import BoundMethodError, checkpoint
+from remat._src.nnx_scan import Scan, scan, stack
 from remat._src.nnx_sequential import Sequential
+from remat._src.scanned import NotScannableError, ScanPlan
 
-__all__ = ["BoundMethodError", "Sequential", "checkpoint"]
+__all__ = ["BoundMethodError", "NotScannableError", "Scan", "ScanPlan", "Sequential", "checkpoint", "scan",
+           "stack"]

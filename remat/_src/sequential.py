@@ -156,15 +156,16 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
   def apply(params, x, key=None):
     n = depth_of(params)
     plan = plan_for(params, x, key)
-    levels = execute.regular_levels(plan.root)
+    levels = execute.regular_levels(plan)
     if levels is None:
       unstacked = [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(n)]
       return execute.apply_plan(plan, [layer] * n, unstacked, x, key)
-    return execute.scan_levels(caller, levels, params, x, execute.stacked_keys(key, n))
+    return execute.scan_levels(caller, levels, params, x, execute.stacked_keys(key, n),
+                               policy=execute.layer_policy(plan))
 
   apply.plan_for = plan_for  # type: ignore[attr-defined]
   apply.scanned = lambda params, x, key=None: (  # type: ignore[attr-defined]
-      execute.regular_levels(plan_for(params, x, key).root) is not None)
+      execute.regular_levels(plan_for(params, x, key)) is not None)
   return apply
 
 
