@@ -8,13 +8,12 @@ traced shapes, checkpoints nest as the plan nests, and every PRNG stream gets
 one key per layer (``remat.rng.layer_key``) tied to the layer's input.
 
 Why not flax's own RNG plumbing (``lift.pack``, as ``remat.linen.checkpoint``
-does)? Random bits depend on the key alone, so XLA:CPU generates the dropout
-bits of every checkpointed block at the start of the forward pass and keeps
-them alive: measured on an 8-block transformer at length 256, ``nn.remat``
-per block and the lifted variant both needed 42 MiB of temp memory where the
-plan needs about 12-19 MiB. Explicit keys behind an optimization barrier fix
-that, at the price that the masks differ from ``nn.Sequential``'s (they are
-the same with and without checkpointing, for every segmenter).
+does)? A plan nests checkpoints over several layers, so the layers run as pure
+functions with explicit per-layer keys, each tied to the layer's input by an
+optimization barrier (docs/facts.md, fact 11: otherwise XLA:CPU generates every
+block's dropout bits up front and keeps them alive). The masks therefore differ
+from ``nn.Sequential``'s; they are the same with and without checkpointing, for
+every segmenter.
 """
 
 from __future__ import annotations
