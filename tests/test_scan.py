@@ -499,13 +499,13 @@ def test_scan_levels_outputs_and_a_uniform_layer_policy():
 
 def test_non_uniform_layer_policies_make_a_plan_irregular():
   @dataclasses.dataclass(frozen=True)
-  class PolicyPlan(remat.Plan):  # what a plan with per-layer policies will carry
+  class PolicyPlan(remat.Plan):  # per-layer policies set directly, without a planner
     layer_policies: tuple = ()
 
   base = S.every(2).plan(4)
   fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(remat.Plan)}
-  same = PolicyPlan(**fields, layer_policies=(jax.checkpoint_policies.dots_saveable,) * 4)
-  mixed = PolicyPlan(**fields, layer_policies=(None, jax.checkpoint_policies.dots_saveable) * 2)
+  same = PolicyPlan(**fields, layer_policies=("dots",) * 4)
+  mixed = PolicyPlan(**fields, layer_policies=(None, "dots") * 2)
   assert execute.regular_levels(same) == [(2, True), (2, False)]
   assert execute.layer_policy(same) is jax.checkpoint_policies.dots_saveable
   assert execute.regular_levels(mixed) is None

@@ -86,7 +86,7 @@ def parse_segmenter(text: str, budget_bytes: int | None = None):
 
     >>> from remat._src.cli import parse_segmenter
     >>> parse_segmenter("revolve:3"), parse_segmenter("budget:1MiB")
-    (revolve(slots=3), budget(max_bytes=1048576, offload=None, max_compiles=4))
+    (revolve(slots=3), budget(1048576))
   """
   from remat import segmenters as S
 
