@@ -26,11 +26,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
-from flax.nnx import graphlib
-from flax.nnx.transforms import general
-from flax.nnx.transforms.transforms import resolve_kwargs
 
 from remat._src import adapter_util
+from remat._src import compat
 from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
 from remat._src import pytypes as rt
@@ -166,7 +164,7 @@ def checkpoint(
   @functools.wraps(f)
   def checkpointed(*args, **kwargs):
     if kwargs:
-      args = tuple(resolve_kwargs(f, args, kwargs))
+      args = tuple(compat.resolve_kwargs(f, args, kwargs))
     static = set()
     for i in nums:
       j = i + len(args) if i < 0 else i
@@ -203,10 +201,12 @@ def _graph_transformed(f, static, *, policy, offload, prevent_cse):
   changed or not; ``remat.checkpoint`` hands back unchanged inputs without
   making them outputs of the checkpoint (they would get zero cotangents).
   """
-  merged = general.merge_inputs(f, ctxtag=_CTXTAG)
+  if not compat.HAS_NNX_SPLIT_MERGE:
+    return compat.nnx_remat_fallback(f, static, policy=policy, offload=offload, prevent_cse=prevent_cse)
+  merged = compat.nnx_merge_inputs(f, ctxtag=_CTXTAG)
   inner = transform_lib.checkpoint(merged, static_argnums=static, policy=policy,
                                    offload=offload, prevent_cse=prevent_cse)
-  return graphlib.update_context(_CTXTAG)(general.split_inputs(inner, ctxtag=_CTXTAG))
+  return compat.nnx_update_context(_CTXTAG)(compat.nnx_split_inputs(inner, ctxtag=_CTXTAG))
 
 
 def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):

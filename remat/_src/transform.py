@@ -30,11 +30,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
+from remat._src import compat  # name stacks: see _fresh_name_stack
 from remat._src import compile as compile_lib
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
@@ -479,7 +479,7 @@ def _fresh_name_stack(converted):
 
   @functools.wraps(converted)
   def run(*args):
-    with _source_info.reset_name_stack():
+    with compat.reset_name_stack():
       return converted(*args)
 
   return run

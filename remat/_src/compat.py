@@ -1,0 +1,253 @@
+"""The one place remat touches private or unstable jax and flax APIs.
+
+Private modules move between minor versions. Each name here is looked up once,
+at import: first where current releases keep it, then where other releases
+kept it. Where it is found nowhere, remat keeps working with a public
+replacement, or degrades and says so once with a :class:`CompatibilityWarning`
+that names the installed versions. ``tests/test_compat.py`` hides each name and
+checks the fallback. Where each name lives, by version:
+
+==========================  ===============================================  ==========================
+name                        where (jax 0.10.2, 0.11.2, 0.12.0.1;             without it
+                            flax 0.12.8, 0.12.12: all the same)
+==========================  ===============================================  ==========================
+``reset_name_stack``        ``jax.extend.source_info_util``, else            nested plans lower slower
+                            ``jax._src.source_info_util``                    (warning; docs/facts.md 10)
+``saved_residuals``         ``jax._src.ad_checkpoint``                       the same list, read from
+                                                                             ``jax.vjp``'s jaxpr here
+lowered compile options,    ``Lowered._lowering._compiler_options_kvs``,     options of ``jax.jit``
+platform                    ``._platforms``                                  dropped; default backend
+``resolve_kwargs``          ``flax.nnx.transforms.transforms``               a copy here
+``update_context``          ``flax.nnx`` (public), ``flax.nnx.graphlib``     ``flax.nnx.remat`` used
+``split_inputs``,           ``flax.nnx.transforms.general``                  ``flax.nnx.remat`` used
+``merge_inputs``                                                             (warning; no ``offload``)
+``pack``                    ``flax.core.lift``                               ``flax.linen.remat`` used
+``lift_transform``,         ``flax.linen.transforms``                        (warning; no ``offload``)
+``decorator_lift_transform``
+==========================  ===============================================  ==========================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import itertools
+import warnings
+from typing import Any, Callable
+
+import jax
+
+
+class CompatibilityWarning(UserWarning):
+  """The installed jax or flax lacks an API remat uses; remat says what it does instead."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  """``"0.12.0.1"`` -> ``(0, 12, 0, 1)``; stops at the first part that is not a number (``dev``)."""
+  out = []
+  for part in version.split("."):
+    digits = "".join(itertools.takewhile(str.isdigit, part))
+    if not digits:
+      break
+    out.append(int(digits))
+    if digits != part:
+      break
+  return tuple(out)
+
+
+JAX_VERSION = _version_tuple(jax.__version__)
+
+
+def versions() -> str:
+  """``"jax X, jaxlib Y, flax Z"`` for messages."""
+  out = [f"jax {jax.__version__}"]
+  for name in ("jaxlib", "flax"):
+    try:
+      out.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception:  # noqa: BLE001 - a version string must never break a message
+      out.append(f"{name} (not importable)")
+  return ", ".join(out)
+
+
+def _find(*locations: tuple[str, str]) -> Any:
+  """The first ``module.attribute`` of ``locations`` that imports, else None."""
+  for module, attr in locations:
+    try:
+      found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+      continue
+    if found is not None:
+      return found
+  return None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+  """One :class:`CompatibilityWarning` per ``key`` and process."""
+  if key in _warned:
+    return
+  _warned.add(key)
+  warnings.warn(f"{message} (installed: {versions()})", CompatibilityWarning, stacklevel=3)
+
+
+### jax: name stacks (docs/facts.md, fact 10)
+
+_reset_name_stack = _find(("jax.extend.source_info_util", "reset_name_stack"),
+                          ("jax._src.source_info_util", "reset_name_stack"))
+
+
+def reset_name_stack():
+  """A context that evaluates under an empty name stack; a no-op (warned once) without one."""
+  if _reset_name_stack is None:
+    warn_once("reset_name_stack",
+              "remat could not find jax's `source_info_util.reset_name_stack` (looked in "
+              "`jax.extend.source_info_util` and `jax._src.source_info_util`): nested checkpoints "
+              "still compute the same values, but deep plans lower more slowly (name stacks double "
+              "at every nesting level; docs/facts.md, fact 10)")
+    return contextlib.nullcontext()
+  return _reset_name_stack()
+
+
+### jax: residuals of a vjp
+
+_saved_residuals = _find(("jax._src.ad_checkpoint", "saved_residuals"),
+                         ("jax.ad_checkpoint", "saved_residuals"))
+
+
+def saved_residuals(fn: Callable, *args, **kwargs) -> list[tuple[Any, str]]:
+  """``(aval, source)`` of what ``jax.vjp(fn, ...)`` keeps, as jax's private helper lists them."""
+  if _saved_residuals is not None:
+    return _saved_residuals(fn, *args, **kwargs)
+  return _saved_residuals_from_vjp(fn, *args, **kwargs)
+
+
+def _saved_residuals_from_vjp(fn, *args, **kwargs):
+  """The same listing from public API: the residual outputs of ``jax.vjp``'s jaxpr.
+
+  Sources read ``from the argument at flattened index i``, ``from a constant``,
+  ``named 'n'`` (``checkpoint_name``) or ``output of <primitive>``.
+  """
+  leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+
+  def flat(*xs):
+    a, k = jax.tree_util.tree_unflatten(tree, xs)
+    return fn(*a, **k)
+
+  closed, shapes = jax.make_jaxpr(lambda *xs: jax.vjp(flat, *xs), return_shape=True)(*leaves)
+  jaxpr = closed.jaxpr
+  n_res = jax.tree_util.tree_structure(shapes[1]).num_leaves
+  outs = list(jaxpr.outvars[len(jaxpr.outvars) - n_res:])
+  is_var = lambda v: not hasattr(v, "val")  # a Literal carries its value
+  wanted = {v for v in outs if is_var(v)}
+  found = [(v.aval, "from a literal") for v in outs if not is_var(v)]
+  found += [(v.aval, "from a constant") for v in jaxpr.constvars if v in wanted]
+  found += [(v.aval, f"from the argument at flattened index {i}")
+            for i, v in enumerate(jaxpr.invars) if v in wanted]
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      if v in wanted:
+        prim = eqn.primitive.name
+        found.append((v.aval, f"named '{eqn.params['name']}'" if prim == "name" and "name" in eqn.params
+                      else f"output of {prim}"))
+  return found
+
+
+### jax: what a Lowered was lowered with
+
+
+def lowered_compiler_options(lowered) -> dict[str, Any] | None:
+  """The ``compiler_options`` a ``jax.stages.Lowered`` carries from ``jax.jit``, if readable."""
+  kvs = getattr(getattr(lowered, "_lowering", None), "_compiler_options_kvs", None)
+  if kvs is None:
+    kvs = getattr(lowered, "_compiler_options", None)
+  try:
+    return dict(kvs) if kvs else None
+  except (TypeError, ValueError):
+    return None
+
+
+def lowered_platform(lowered) -> str:
+  """``"cpu"``, ``"gpu"`` or ``"tpu"``: the backend ``lowered`` was lowered for (default if unknown)."""
+  platforms = getattr(getattr(lowered, "_lowering", None), "_platforms", None)
+  if platforms is None:
+    platforms = getattr(lowered, "compile_args_platforms", None)
+  try:
+    platform = str(platforms[0]).lower()
+  except (TypeError, IndexError, KeyError):
+    return jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+### flax.nnx: the graph-mode split/merge composition of `nnx.remat`
+
+
+def _resolve_kwargs_copy(fun, args, kwargs) -> tuple:
+  """``flax.nnx.transforms.transforms.resolve_kwargs`` (flax 0.12): keywords to positions."""
+  if isinstance(fun, functools.partial):
+    fun = lambda *args, **kwargs: None  # a partial's signature is opaque
+  bound = inspect.signature(fun).bind(*args, **kwargs)
+  bound.apply_defaults()
+  if bound.kwargs:
+    raise TypeError("keyword arguments could not be resolved to positions")
+  return bound.args
+
+
+resolve_kwargs = _find(("flax.nnx.transforms.transforms", "resolve_kwargs")) or _resolve_kwargs_copy
+nnx_update_context = _find(("flax.nnx", "update_context"), ("flax.nnx.graphlib", "update_context"))
+nnx_split_inputs = _find(("flax.nnx.transforms.general", "split_inputs"))
+nnx_merge_inputs = _find(("flax.nnx.transforms.general", "merge_inputs"))
+HAS_NNX_SPLIT_MERGE = None not in (nnx_update_context, nnx_split_inputs, nnx_merge_inputs)
+
+
+def nnx_remat_fallback(f, static_argnums, *, policy, offload, prevent_cse):
+  """``flax.nnx.remat`` in place of our composition, where flax lacks its parts."""
+  missing = ("`flax.nnx.transforms.general.split_inputs`/`merge_inputs` or "
+             "`flax.nnx.update_context`")
+  if offload is not None:
+    raise NotImplementedError(
+        f"`remat.nnx.checkpoint(offload=...)` needs {missing}, which this flax lacks "
+        f"({versions()}). Use `remat.checkpoint(..., offload=...)` on a function of arrays, "
+        "or install a flax version listed in remat's README (Supported versions).")
+  warn_once("nnx_split_merge",
+            f"remat could not find {missing}: `remat.nnx.checkpoint` falls back to "
+            "`flax.nnx.remat` (jax.checkpoint); values and gradients are the same, but the "
+            "offload option is unavailable")
+  from flax import nnx
+
+  return nnx.remat(f, static_argnums=tuple(static_argnums), policy=policy, prevent_cse=prevent_cse)
+
+
+### flax.linen: the lifting of `flax.core.lift.checkpoint`
+
+lift_pack = _find(("flax.core.lift", "pack"))
+lift_transform = _find(("flax.linen.transforms", "lift_transform"))
+decorator_lift_transform = _find(("flax.linen.transforms", "decorator_lift_transform"))
+HAS_LINEN_LIFT = None not in (lift_pack, lift_transform, decorator_lift_transform)
+
+
+def linen_remat_fallback(target, *, static_argnums, policy, offload, prevent_cse, methods, variables,
+                         rngs):
+  """``flax.linen.remat`` in place of our lifted transform, where flax lacks its parts."""
+  missing = ("`flax.core.lift.pack` or `flax.linen.transforms.lift_transform`/"
+             "`decorator_lift_transform`")
+  if offload is not None:
+    raise NotImplementedError(
+        f"`remat.linen.checkpoint(offload=...)` needs {missing}, which this flax lacks "
+        f"({versions()}). Use `remat.checkpoint(..., offload=...)` on a function of arrays, "
+        "or install a flax version listed in remat's README (Supported versions).")
+  warn_once("linen_lift",
+            f"remat could not find {missing}: `remat.linen.checkpoint` falls back to "
+            "`flax.linen.remat` (jax.checkpoint); values and gradients are the same, but the "
+            "offload option is unavailable and Python bool/str arguments must be listed in "
+            "`static_argnums`")
+  import flax.linen as nn
+
+  kw = dict(static_argnums=tuple(static_argnums), policy=policy, prevent_cse=prevent_cse,
+            variables=variables, rngs=rngs)
+  if methods is not None:
+    kw["methods"] = list(methods)
+  return nn.remat(target, **kw)
