@@ -5,26 +5,28 @@ at import: first where current releases keep it, then where other releases
 kept it. Where it is found nowhere, remat keeps working with a public
 replacement, or degrades and says so once with a :class:`CompatibilityWarning`
 that names the installed versions. ``tests/test_compat.py`` hides each name and
-checks the fallback. Where each name lives, by version:
+checks the fallback.
 
-==========================  ===============================================  ==========================
-name                        where (jax 0.10.2, 0.11.2, 0.12.0.1;             without it
-                            flax 0.12.8, 0.12.12: all the same)
-==========================  ===============================================  ==========================
-``reset_name_stack``        ``jax.extend.source_info_util``, else            nested plans lower slower
-                            ``jax._src.source_info_util``                    (warning; docs/facts.md 10)
-``saved_residuals``         ``jax._src.ad_checkpoint``                       the same list, read from
-                                                                             ``jax.vjp``'s jaxpr here
-lowered compile options,    ``Lowered._lowering._compiler_options_kvs``,     options of ``jax.jit``
-platform                    ``._platforms``                                  dropped; default backend
-``resolve_kwargs``          ``flax.nnx.transforms.transforms``               a copy here
-``update_context``          ``flax.nnx`` (public), ``flax.nnx.graphlib``     ``flax.nnx.remat`` used
-``split_inputs``,           ``flax.nnx.transforms.general``                  ``flax.nnx.remat`` used
-``merge_inputs``                                                             (warning; no ``offload``)
-``pack``                    ``flax.core.lift``                               ``flax.linen.remat`` used
-``lift_transform``,         ``flax.linen.transforms``                        (warning; no ``offload``)
-``decorator_lift_transform``
-==========================  ===============================================  ==========================
+Where each name lives (the same in jax 0.10.2, 0.11.2 and 0.12.0.1, flax 0.12.8 and
+0.12.12), and what happens without it:
+
+* ``reset_name_stack``: ``jax.extend.source_info_util`` (public), else
+  ``jax._src.source_info_util``. Without it nested plans still compute the same
+  values but lower more slowly (warned; docs/facts.md, fact 10).
+* ``saved_residuals``: ``jax._src.ad_checkpoint``. Without it the same listing
+  is read here from the jaxpr of ``jax.vjp`` (public API; no warning).
+* A ``Lowered``'s compiler options and platform: ``Lowered._lowering``'s
+  ``_compiler_options_kvs`` and ``_platforms``. Without them ``remat.profile``
+  uses our options alone and the default backend.
+* ``resolve_kwargs``: ``flax.nnx.transforms.transforms``; else a copy here.
+* ``update_context`` (``flax.nnx``, public; ``flax.nnx.graphlib``),
+  ``split_inputs`` and ``merge_inputs`` (``flax.nnx.transforms.general``).
+  Without them ``remat.nnx.checkpoint`` falls back to ``flax.nnx.remat``
+  (warned; ``offload=`` raises).
+* ``pack`` (``flax.core.lift``), ``lift_transform`` and
+  ``decorator_lift_transform`` (``flax.linen.transforms``). Without them
+  ``remat.linen.checkpoint`` falls back to ``flax.linen.remat`` (warned;
+  ``offload=`` raises).
 """
 
 from __future__ import annotations
@@ -142,17 +144,26 @@ def _saved_residuals_from_vjp(fn, *args, **kwargs):
   n_res = jax.tree_util.tree_structure(shapes[1]).num_leaves
   outs = list(jaxpr.outvars[len(jaxpr.outvars) - n_res:])
   is_var = lambda v: not hasattr(v, "val")  # a Literal carries its value
-  wanted = {v for v in outs if is_var(v)}
+  # As jax does: a saved name's `reduce_precision` is not the producer; look through it.
+  through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns if e.primitive.name == "reduce_precision"}
+
+  def producer(v):
+    while v in through:
+      v = through[v]
+    return v
+
+  wanted = {producer(v) for v in outs if is_var(v)}
   found = [(v.aval, "from a literal") for v in outs if not is_var(v)]
   found += [(v.aval, "from a constant") for v in jaxpr.constvars if v in wanted]
   found += [(v.aval, f"from the argument at flattened index {i}")
             for i, v in enumerate(jaxpr.invars) if v in wanted]
   for eqn in jaxpr.eqns:
+    name = eqn.params.get("name") if eqn.primitive.name == "name" else getattr(
+        eqn.params.get("_prim"), "name", None)  # checkpoint_name: `name` (0.10), a hi primitive (0.12)
     for v in eqn.outvars:
       if v in wanted:
-        prim = eqn.primitive.name
-        found.append((v.aval, f"named '{eqn.params['name']}'" if prim == "name" and "name" in eqn.params
-                      else f"output of {prim}"))
+        found.append((v.aval, f"named '{name}'" if isinstance(name, str)
+                      else f"output of {eqn.primitive.name}"))
   return found
 
 
@@ -162,8 +173,6 @@ def _saved_residuals_from_vjp(fn, *args, **kwargs):
 def lowered_compiler_options(lowered) -> dict[str, Any] | None:
   """The ``compiler_options`` a ``jax.stages.Lowered`` carries from ``jax.jit``, if readable."""
   kvs = getattr(getattr(lowered, "_lowering", None), "_compiler_options_kvs", None)
-  if kvs is None:
-    kvs = getattr(lowered, "_compiler_options", None)
   try:
     return dict(kvs) if kvs else None
   except (TypeError, ValueError):
@@ -173,8 +182,6 @@ def lowered_compiler_options(lowered) -> dict[str, Any] | None:
 def lowered_platform(lowered) -> str:
   """``"cpu"``, ``"gpu"`` or ``"tpu"``: the backend ``lowered`` was lowered for (default if unknown)."""
   platforms = getattr(getattr(lowered, "_lowering", None), "_platforms", None)
-  if platforms is None:
-    platforms = getattr(lowered, "compile_args_platforms", None)
   try:
     platform = str(platforms[0]).lower()
   except (TypeError, IndexError, KeyError):
