@@ -32,7 +32,7 @@ exits 1 if a check failed.
 
 ``--cpu-smoke`` runs all of it quickly on any machine: tiny sizes, the offload placements read
 from the module lowered for CUDA (``jax.export``), the host-memory checks reported as skipped on
-CPU (XLA:CPU drops memory-kind moves: DESIGN.md fact 5), and the tests only collected. The
+CPU (XLA:CPU drops memory-kind moves: docs/facts.md, fact 5), and the tests only collected. The
 exact device command is in docs/gpu.md.
 
 Self-contained on purpose: it imports remat, jax, flax, numpy and the standard library only.
@@ -379,13 +379,22 @@ def part_planner(rep: Report, size, accel):
       rep.check(f"`remat.sequential({name})` compiles and runs", False, f"{type(e).__name__}: {e}")
   if hasattr(remat, "fit"):
     try:
-      apply = remat.sequential(layers, S.auto())
-      fitted = remat.fit(step_of(apply), budget)
+      # `remat.fit` bounds the whole step's peak (arguments, outputs, temp): the same temp cut.
+      memory = int(plain.peak_bytes - (1 - size.chain_budget) * plain.temp_bytes)
+      fitted = remat.fit(step_of(remat.sequential(layers, S.auto())), memory)
+      report = fitted.plans(ws, x)
       loss = float(jax.block_until_ready(fitted(ws, x)[0]))
-      rep.row("planner", "fit", "loss", loss)
-      rep.check("`remat.fit` with `segmenters.auto()` compiles and runs", math.isfinite(loss),
-                f"loss {loss:.6g}")
-      lines.append(f"| `remat.fit` + `auto()` | - | - | - | - | - | - | - | {loss:.6g} |")
+      prof, evals = report.profile, sum(p.forward_evaluations for p in report.plans)
+      fits = prof.peak_bytes <= memory
+      for metric, v in (("forward_evaluations", evals), ("compiled_temp", prof.temp_bytes),
+                        ("peak", prof.peak_bytes), ("memory", memory), ("compiles", report.compiles),
+                        ("loss", loss)):
+        rep.row("planner", "fit", metric, v)
+      rep.check(f"`remat.fit(step, {fmt_bytes(memory)})` with `segmenters.auto()` compiles and runs",
+                math.isfinite(loss) and fits,
+                f"loss {loss:.6g}, peak {fmt_bytes(prof.peak_bytes)} in {report.compiles} compiles")
+      lines.append(f"| `remat.fit` + `auto()` | {evals} | - | - | {fmt_bytes(prof.temp_bytes)} | "
+                   f"{fmt_bytes(prof.host_temp_bytes)} | - | {'yes' if fits else 'no'} | {loss:.6g} |")
     except Exception as e:  # noqa: BLE001
       rep.check("`remat.fit` with `segmenters.auto()` compiles and runs", False, f"{type(e).__name__}: {e}")
   else:
@@ -413,8 +422,11 @@ def part_tests(rep: Report, mode: str, seconds: float, out: Path):
   print(f"  $ {' '.join(cmd[1:])}   (at most {seconds:.0f} s)", flush=True)
   t0 = time.perf_counter()
   # Its own process group, so that pytest-xdist's workers stop with it at the time limit.
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  # The tests import remat_bench (bench/): importable from the checkout even where pip failed.
+  path = [str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
   try:
     text, _ = proc.communicate(timeout=max(seconds, 10))
     timed_out = False
