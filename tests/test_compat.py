@@ -34,10 +34,15 @@ def test_every_private_name_is_found_on_the_installed_versions():
       "pack": compat.lift_pack,
       "lift_transform": compat.lift_transform,
       "decorator_lift_transform": compat.decorator_lift_transform,
+      "register_exclusion": compat._traceback_register_exclusion,
+      "api_boundary": compat._traceback_api_boundary,
+      "trace_context": compat._trace_context,
+      "backends_are_initialized": compat._backends_are_initialized,
+      "SimpleRematFn": compat.nnx_simple_remat_fn,
   }
   missing = [name for name, v in found.items() if v is None]
   assert not missing, f"not found with {compat.versions()}: {missing}"
-  assert compat.HAS_NNX_SPLIT_MERGE and compat.HAS_LINEN_LIFT
+  assert compat.HAS_NNX_SPLIT_MERGE and compat.HAS_LINEN_LIFT and compat.HAS_NNX_TREE_MODE
 
 
 def test_versions_names_jax_and_flax():
@@ -106,6 +111,29 @@ def test_lowered_helpers_fall_back_on_unknown_objects():
   assert compat.lowered_platform(lowered) == jax.default_backend()
   cuda = jax.jit(jnp.sin).trace(jnp.ones(3)).lower(lowering_platforms=("cuda",))
   assert compat.lowered_platform(cuda) == "gpu"
+
+
+def test_jax_internals_fall_back_to_public_behaviour(monkeypatch):
+  assert compat.backends_started() is True  # this test process has run jax on CPU
+  monkeypatch.setattr(compat, "_backends_are_initialized", None)
+  assert compat.backends_started() is None  # unknown, not a guess
+  monkeypatch.setattr(compat, "_trace_context", None)
+  assert compat.trace_context() == (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                                    jax.config.jax_numpy_rank_promotion)
+  monkeypatch.setattr(compat, "_traceback_api_boundary", None)
+  monkeypatch.setattr(compat, "_traceback_register_exclusion", None)
+  f = lambda x: x
+  assert compat.api_boundary(f) is f
+  compat.register_traceback_exclusion("/nowhere")  # a no-op, no error
+
+
+def test_without_flax_tree_mode_graph_false_says_what_to_do(monkeypatch):
+  from flax import nnx
+
+  monkeypatch.setattr(compat, "HAS_NNX_TREE_MODE", False)
+  lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match=r"graph=False.*SimpleRematFn.*flax"):
+    remat.nnx.checkpoint(lambda m, x: m(x), graph=False)(lin, jnp.ones((1, 2)))
 
 
 def test_profile_keeps_the_users_compiler_options():
@@ -180,6 +208,13 @@ def test_without_the_name_stack_reset_nested_checkpoints_work_and_warn():
   assert "reset_name_stack" in msg and f"jax {jax.__version__}" in msg and "fact 10" in msg
   # What the reset prevents: name stacks that grow with every nesting level.
   assert hidden["longest_name"] > 4 * normal["longest_name"], (hidden, normal)
+
+
+def test_without_jax_traceback_config_and_xla_bridge_checkpoints_still_work():
+  names = "compat._trace_context, compat._traceback_api_boundary, compat._backends_are_initialized"
+  hidden = _run_hidden(_hide_modules("jax._src.traceback_util", "jax._src.config", "jax._src.xla_bridge"),
+                       _NESTED + f"\nout['fallbacks'] = [{names}] == [None] * 3\n")
+  assert hidden["fallbacks"] and hidden["grads_equal"] and hidden["warnings"] == []
 
 
 def test_without_jax_saved_residuals_the_listing_is_the_same():

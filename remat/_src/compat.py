@@ -13,6 +13,14 @@ Where each name lives (the same in jax 0.10.2, 0.11.2 and 0.12.0.1, flax 0.12.8 
 * ``reset_name_stack``: ``jax.extend.source_info_util`` (public), else
   ``jax._src.source_info_util``. Without it nested plans still compute the same
   values but lower more slowly (warned; docs/facts.md, fact 10).
+* ``register_exclusion`` and ``api_boundary`` (``jax._src.traceback_util``):
+  remat's frames left out of filtered tracebacks. Without them tracebacks show
+  remat's frames too (no warning: nothing computes differently).
+* ``trace_context`` (``jax._src.config``): part of every trace-cache key.
+  Without it the key holds the public flags that change a trace (x64, matmul
+  precision, rank promotion).
+* ``backends_are_initialized`` (``jax._src.xla_bridge``): whether
+  ``XLA_FLAGS`` can still take effect. Without it: unknown (``None``).
 * ``saved_residuals``: ``jax._src.ad_checkpoint``. Without it the same listing
   is read here from the jaxpr of ``jax.vjp`` (public API; no warning).
 * A ``Lowered``'s compiler options and platform: ``Lowered._lowering``'s
@@ -23,6 +31,9 @@ Where each name lives (the same in jax 0.10.2, 0.11.2 and 0.12.0.1, flax 0.12.8 
   ``split_inputs`` and ``merge_inputs`` (``flax.nnx.transforms.general``).
   Without them ``remat.nnx.checkpoint`` falls back to ``flax.nnx.remat``
   (warned; ``offload=`` raises).
+* ``extract`` (``flax.nnx.extract``) and ``SimpleRematFn``
+  (``flax.nnx.transforms.autodiff``): ``nnx.remat``'s tree mode. Without them
+  ``remat.nnx.checkpoint(graph=False)`` raises ``NotImplementedError``.
 * ``pack`` (``flax.core.lift``), ``lift_transform`` and
   ``decorator_lift_transform`` (``flax.linen.transforms``). Without them
   ``remat.linen.checkpoint`` falls back to ``flax.linen.remat`` (warned;
@@ -112,6 +123,48 @@ def reset_name_stack():
               "at every nesting level; docs/facts.md, fact 10)")
     return contextlib.nullcontext()
   return _reset_name_stack()
+
+
+### jax: traceback filtering, trace-cache keys, backend state
+
+_traceback_register_exclusion = _find(("jax._src.traceback_util", "register_exclusion"))
+_traceback_api_boundary = _find(("jax._src.traceback_util", "api_boundary"))
+
+
+def register_traceback_exclusion(path: str) -> None:
+  """Leaves the frames under ``path`` out of jax's filtered tracebacks (a no-op without jax's)."""
+  if _traceback_register_exclusion is not None:
+    _traceback_register_exclusion(path)
+
+
+def api_boundary(fun: Callable) -> Callable:
+  """jax's ``api_boundary``: an error raised below ``fun`` gets a filtered traceback."""
+  return fun if _traceback_api_boundary is None else _traceback_api_boundary(fun)
+
+
+_trace_context = _find(("jax._src.config", "trace_context"))
+
+
+def trace_context() -> Any:
+  """jax's tracing context (x64, matmul precision, mesh, named axes), for trace-cache keys."""
+  if _trace_context is not None:
+    return _trace_context()
+  # Keep caching correct for the public flags at least.
+  return (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+          jax.config.jax_numpy_rank_promotion)
+
+
+_backends_are_initialized = _find(("jax._src.xla_bridge", "backends_are_initialized"))
+
+
+def backends_started() -> bool | None:
+  """Whether jax has started its backends (and read ``XLA_FLAGS``); ``None`` if unknown."""
+  if _backends_are_initialized is None:
+    return None
+  try:
+    return bool(_backends_are_initialized())
+  except Exception:  # noqa: BLE001 - any change in jax's internals: we cannot tell
+    return None
 
 
 ### jax: residuals of a vjp
@@ -208,6 +261,13 @@ nnx_update_context = _find(("flax.nnx", "update_context"), ("flax.nnx.graphlib",
 nnx_split_inputs = _find(("flax.nnx.transforms.general", "split_inputs"))
 nnx_merge_inputs = _find(("flax.nnx.transforms.general", "merge_inputs"))
 HAS_NNX_SPLIT_MERGE = None not in (nnx_update_context, nnx_split_inputs, nnx_merge_inputs)
+
+
+# nnx.remat's tree mode (graph=False / graph_updates=False), reused by remat.nnx.checkpoint.
+nnx_extract = _find(("flax.nnx", "extract"))
+nnx_simple_remat_fn = _find(("flax.nnx.transforms.autodiff", "SimpleRematFn"))
+HAS_NNX_TREE_MODE = nnx_simple_remat_fn is not None and all(
+    hasattr(nnx_extract, a) for a in ("to_tree2", "from_tree2", "check_no_aliases", "apply_updates"))
 
 
 def nnx_remat_fallback(f, static_argnums, *, policy, offload, prevent_cse):

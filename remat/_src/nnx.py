@@ -38,19 +38,13 @@ _CTXTAG = "remat"
 
 
 def _flax_tree_mode():
-  """flax's pieces of ``nnx.remat``'s tree mode: ``flax.nnx.extract`` and ``SimpleRematFn``.
-
-  # private API: move to compat.py
-  """
-  try:
-    from flax.nnx import extract
-    from flax.nnx.transforms.autodiff import SimpleRematFn
-  except ImportError as e:  # pragma: no cover - depends on the flax version
+  """flax's pieces of ``nnx.remat``'s tree mode: ``flax.nnx.extract`` and ``SimpleRematFn``."""
+  if not compat.HAS_NNX_TREE_MODE:
     raise NotImplementedError(
         f"{_API}(graph=False) / (graph_updates=False) reuses flax's tree-mode remat "
-        f"(`flax.nnx.transforms.autodiff.SimpleRematFn`), which this flax version lacks ({e}). "
-        "Use the default graph mode, or flax >= 0.12.8.") from e
-  return extract, SimpleRematFn
+        "(`flax.nnx.transforms.autodiff.SimpleRematFn` and `flax.nnx.extract`), which this flax "
+        f"lacks ({compat.versions()}). Use the default graph mode, or flax >= 0.12.8.")
+  return compat.nnx_extract, compat.nnx_simple_remat_fn
 
 
 class BoundMethodError(TypeError, ValueError):
