@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import jax
 
+from remat._src import compat
+
 # XLA:CPU runs `cse_barrier_expander`, which deletes optimization barriers;
 # CSE and scheduling then move the recomputation back into the forward pass
 # and a checkpointed program uses as much memory as a plain one (docs/facts.md,
@@ -154,13 +156,7 @@ def _barrier_pass_disabled(flags: str) -> bool:
 
 def _backends_started() -> bool | None:
   """Whether jax has started its backends (and read ``XLA_FLAGS``); ``None`` if unknown."""
-  # private API: move to compat.py
-  try:
-    from jax._src import xla_bridge
-
-    return bool(xla_bridge.backends_are_initialized())
-  except Exception:  # noqa: BLE001 - any change in jax's internals: we cannot tell
-    return None
+  return compat.backends_started()
 
 
 def install_xla_flags(environ=None) -> str:
