@@ -205,10 +205,12 @@ def check_cpu_barriers() -> None:
 
   ``remat.checkpoint`` calls this when it is traced. It warns only when
   ``import remat`` came after jax's CPU backend started (so ``XLA_FLAGS`` could
-  not be set), the default backend is CPU, and the trace is not inside
-  ``remat.jit`` (which passes the option per compile).
+  not be set), the default backend is CPU, the trace is not inside
+  ``remat.jit`` (which passes the option per compile), and this jax's XLA:CPU
+  undoes remat at all (up to jax 0.11.0; from 0.11.1 it keeps the barriers:
+  docs/facts.md, fact 17).
   """
-  if not _state["warn"] or _with_options.get():
+  if not _state["warn"] or _with_options.get() or not compat.CPU_UNDOES_REMAT:
     return
   if jax.default_backend() != "cpu":
     _state["warn"] = False
