@@ -414,3 +414,28 @@ def test_plots_have_titles_units_one_colour_per_method_and_no_overlapping_labels
 
   for fig in figs:
     plt.close(fig)
+
+
+### remat fit
+
+
+def test_fit_prints_the_plan_and_the_largest_batch(capsys):
+  rc = cli.main(["fit", "--model", "mlp", "--depth", "6", "--width", "64", "--batch", "512",
+                 "--memory", "1MiB", "--no-progress"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert "Plan:" in out and "checkpoint [" in out and "remat.fit" in out
+  row = next(line for line in out.splitlines() if line.startswith("| largest batch"))
+  plain_max, fit_max = (int(c) for c in row.split("|")[2:4])
+  assert fit_max > plain_max >= 1
+
+
+def test_fit_errors_are_one_line(capsys):
+  assert cli.main(["fit", "--model", "mlp", "--memory", "-3GiB"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "--memory" in err
+  assert cli.main(["fit", "--model", "mlp"]) == 2
+  assert "--memory" in capsys.readouterr().err
+  rc = cli.main(["fit", "--model", "mlp", "--depth", "4", "--width", "32", "--batch", "64", "--memory", "1kB",
+                 "--no-search", "--no-progress"])
+  assert rc == 1 and "does not fit" in capsys.readouterr().out

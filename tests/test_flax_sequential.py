@@ -108,9 +108,9 @@ def transformer_profiles():
     plan = m.apply(v, jnp.zeros(x.shape), True, rngs={"dropout": key}, method="plan_for")
     return prof, plan
 
-  lengths = (64, 128, 256)
+  lengths = (64, 256)
   plain = {n: profile(None, n)[0] for n in lengths}
-  budget = (plain[128].temp_bytes + plain[256].temp_bytes) // 2
+  budget = (plain[64].temp_bytes + plain[256].temp_bytes) // 2
   planned = {n: profile(S.budget(budget), n) for n in lengths}
   return plain, planned, budget
 
@@ -121,11 +121,11 @@ def test_transformer_stays_under_budget_at_every_length_and_recomputes_only_when
   for n, (prof, plan) in planned.items():
     assert prof.temp_bytes <= m, (n, str(plan))
     if plain[n].temp_bytes <= m:
-      assert plan.recomputed_evaluations == 0
+      assert not plan.recomputes
       assert prof.count_dots() == plain[n].count_dots()
-    else:
-      assert plan.recomputed_evaluations > 0
-      assert prof.count_dots() > plain[n].count_dots()
+    else:  # whole blocks, or inside blocks under a policy (the planner chooses)
+      assert plan.recomputes
+      assert prof.flops > plain[n].flops
     # The plan's prediction is close to what the whole module compiles to.
     assert abs(plan.predicted_peak_bytes - prof.temp_bytes) <= 0.1 * prof.temp_bytes, (n, str(plan))
 

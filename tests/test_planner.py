@@ -257,7 +257,7 @@ def test_budget_is_never_worse_than_a_uniform_plan_on_a_heterogeneous_chain(seg)
   assert abs(u.predicted_peak_bytes - m) <= 0.2 * m, str(u)
 
 
-TB, TT, TW = 4, 32, 32  # a small transformer: batch, sequence, width
+TB, TT, TW = 2, 32, 32  # a small transformer: batch, sequence, width
 
 
 @pytest.mark.slow
@@ -266,9 +266,9 @@ def test_budget_is_never_worse_than_a_uniform_plan_on_a_transformer_chain(seg):
   from remat_bench.models.linen import TransformerBlock
   block = TransformerBlock(TW, 4, dropout_rate=0.1)
   layer = lambda p, x, k: block.apply(p, x, True, rngs={"dropout": k})  # noqa: E731
-  layers = [layer] * 6
+  layers = [layer] * 5
   p = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.ones((1, TT, TW)), False))
-  ps, x, key = [p] * 6, jax.ShapeDtypeStruct((TB, TT, TW), jnp.float32), jax.random.key(0)
+  ps, x, key = [p] * 5, jax.ShapeDtypeStruct((TB, TT, TW), jnp.float32), jax.random.key(0)
   uniform = remat.sequential(layers, seg).plan_for(ps, x, key, compile=True)
   m = uniform.compiled_temp_bytes
   plan = remat.sequential(layers, S.budget(m)).plan_for(ps, x, key)
@@ -287,8 +287,8 @@ def test_budget_recomputes_nothing_where_plain_fits_and_replans_per_shape():
   seg = S.budget(m)
   apply = remat.sequential(layers, seg)
   p_small, p_large = apply.plan_for(ws, small), apply.plan_for(ws, large)
-  assert p_small.recomputed_evaluations == 0          # 12 half-size activations fit
-  assert p_large.recomputed_evaluations > 0 and p_large.compiled_temp_bytes <= m
+  assert not p_small.recomputes                        # 12 half-size activations fit
+  assert p_large.recomputes and p_large.compiled_temp_bytes <= m
   step = chain_step(layers, seg)
   for x, p in ((small, p_small), (large, p_large)):
     prof = remat.profile(step, ws, x)
@@ -303,7 +303,7 @@ def test_budget_under_jit_plans_at_trace_time_and_matches_plain_gradients():
   want = jax.grad(lambda ws: remat.sequential([cheap] * 6, S.every(100))(ws, x).sum())(ws)
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)  # sums over 512 rows
   plan = apply.plan_for(ws, x)
-  assert plan.recomputed_evaluations > 0 and plan.compiled_temp_bytes <= 4 * x.size * 4
+  assert plan.recomputes and plan.compiled_temp_bytes <= 4 * x.size * 4
 
 
 def test_budget_below_the_smallest_names_it():

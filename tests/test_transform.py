@@ -312,7 +312,7 @@ def test_without_the_compiler_option_cpu_undoes_remat():
   """Documents docs/facts.md, fact 1: the reason remat.jit exists, and where it stopped holding.
 
   Up to jax 0.11.0 XLA:CPU undoes remat without the option (19 activations against 7); from jax
-  0.11.1 it keeps the barriers by itself (7 and 7: docs/facts.md, fact 17): the option is harmless.
+  0.11.1 it keeps the barriers by itself (7 and 7: docs/facts.md, fact 20): the option is harmless.
   """
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-specific")

@@ -23,7 +23,8 @@ import numpy as np
 
 from remat._src import offload as offload_lib
 from remat._src import segmenters as seg_lib
-from remat._src.plan import LayerCost, Plan, Segment, Verifier, backward_transient, leaf, make_plan
+from remat._src.plan import (LayerCost, Plan, Segment, Verifier, backward_transient, forward_peak, leaf,
+                              make_plan)
 from remat._src.units import format_bytes
 
 _API = "`remat.segmenters.budget`"
@@ -58,6 +59,10 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
       more, charging only the part of the transfer that cannot hide behind
       the segment's forward compute (``HostOffload.link``).
     max_compiles: how many candidate plans may be compiled to find the cheapest that fits.
+    policies: also choose, per taped layer, a recomputation policy from the
+      layer's measured menu (save its matmul outputs, or subsets of its
+      ``checkpoint_name`` tags): selective recomputation inside blocks,
+      jointly with the segments. ``False`` tapes layers whole.
 
   Raises:
     ValueError: if ``max_bytes`` or ``max_compiles`` is not a positive int.
@@ -76,11 +81,13 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
   max_bytes: int
   offload: Any = dataclasses.field(default=None, kw_only=True)
   max_compiles: int = dataclasses.field(default=12, kw_only=True)
+  policies: bool = dataclasses.field(default=True, kw_only=True)
   needs_costs: ClassVar[bool] = True
 
   def __repr__(self) -> str:
     extra = (f", offload={self.offload!r}" if self.offload is not None else "") + (
-        f", max_compiles={self.max_compiles}" if self.max_compiles != 12 else "")
+        f", max_compiles={self.max_compiles}" if self.max_compiles != 12 else "") + (
+        ", policies=False" if not self.policies else "")
     return f"budget({self.max_bytes}{extra})"
 
   def __post_init__(self):
@@ -88,6 +95,8 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=12)")
     if self.offload is not None:
       offload_lib.validate_offload(self.offload, api=_API)
+    if not isinstance(self.policies, bool):
+      raise TypeError(f"the `policies` argument to {_API} must be a bool, but got {self.policies!r}.")
 
   def plan(self, costs: Sequence[LayerCost], *, verifier: Verifier | None = None,
            target_bytes: int | None = None, backend: str | None = None) -> Plan:
@@ -142,8 +151,9 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
 
 
 def uniform_plans(costs: Sequence[LayerCost]) -> list[Plan]:
-  """Plain backprop and the uniform segmentations of a chain (``every(k)``, ``revolve(s)``,
-  ``multilevel``), evaluated under the cost model: candidates a verified search must consider."""
+  """Plain backprop, the uniform segmentations of a chain (``every(k)``, ``revolve(s)``,
+  ``multilevel``) and every layer under one policy, evaluated under the cost model: the
+  candidates a verified search must consider."""
   n = len(costs)
   segs: list[Any] = [seg_lib.every(k) for k in _every_sizes(n)]
   segs += [seg_lib.revolve(s) for s in range(1, min(n, 8) + 1)]
@@ -154,6 +164,10 @@ def uniform_plans(costs: Sequence[LayerCost]) -> list[Plan]:
     if plan.root not in seen:
       seen.add(plan.root)
       out.append(plan)
+  # Every layer taped under the same policy (a hand-picked preset), where all layers offer it.
+  shared = set.intersection(*[{name for name, _ in c.policies} for c in costs])
+  for policy in sorted(shared):
+    out.append(make_plan(Segment(0, n, policy=policy), costs, n, f"every layer: {policy}"))
   return out
 
 
@@ -288,6 +302,8 @@ class _BudgetDP:
     self.offload_boundaries = frozenset(offload_boundaries)
     self.offload = offload
     self.backend = backend
+    # The ways to tape layer i: keep everything (None) or one of its measured policies.
+    self.tapes = [[None] + [name for name, _ in c.policies] for c in costs]
     f = np.array([c.flops for c in costs], dtype=np.float64)
     self.fsum = np.concatenate([[0.0], np.cumsum(f)])
     # Peak of a forward without tape over [i, k) with input held: max output (+ input after the first).
@@ -340,9 +356,14 @@ class _BudgetDP:
         j = i + length
         for free in (True, False):
           for dead in (True, False):
-            c = self.c[i]
             rest = mp[(i + 1, j, False, dead)] if j > i + 1 else 0.0
-            best, best_k = max(c.kept_bytes + backward_transient(self.c, i), c.kept_bytes + rest), 0
+            best, best_k = np.inf, 0
+            for o, policy in enumerate(self.tapes[i]):  # a taped head, under each policy
+              c = self.c[i].under(policy)
+              val = max(forward_peak(c, not free), c.kept_bytes + backward_transient(self.c, i, policy),
+                        c.kept_bytes + rest)
+              if val < best:
+                best, best_k = val, -o
             kc = self.keep_ck(i, free)
             for k in range(i + 1, j + 1):
               if free and k == j:
@@ -367,8 +388,9 @@ class _BudgetDP:
 
     def rebuild(i, j, free, dead):
       k = arg[(i, j, free, dead)]
-      if k == 0:
-        return [leaf(i, i + 1)] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
+      if k <= 0:
+        head = leaf(i, i + 1, policy=self.tapes[i][-k])
+        return [head] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
       off = k > self.n
       k = k - self.n - 1 if off else k
       inner = _merge_taped(rebuild(i, k, True, True))
@@ -380,8 +402,8 @@ class _BudgetDP:
   def solve(self, target: float) -> Segment:
     """The optimal tree for ``target`` bytes, certified by exact simulation."""
     n = self.n
-    vals = [int(v) for c in self.c for v in (c.input_bytes, c.output_bytes, c.kept_bytes,
-                                             c.transient_bytes)]
+    vals = [int(v) for c0 in self.c for c in [c0] + [o for _, o in c0.policies]
+            for v in (c.input_bytes, c.output_bytes, c.kept_bytes, c.transient_bytes)]
     g = functools.reduce(math.gcd, [v for v in vals if v > 0] or [1])
     candidates = []
     if 1 <= target / g <= 16384:  # exact integer arithmetic in units of the common divisor
@@ -427,16 +449,22 @@ class _BudgetDP:
     for length in range(1, n + 1):
       for i in range(0, n - length + 1):
         j = i + length
-        ci = c[i]
-        kh, ph = Q(ci.kept_bytes), Q(ci.kept_bytes + backward_transient(c, i))
         for free in (True, False):
+          heads = []  # a taped head under each policy: (kept, peak, step flops)
+          for policy in self.tapes[i]:
+            ci = c[i].under(policy)
+            peak = max(forward_peak(ci, not free), ci.kept_bytes + backward_transient(c, i, policy))
+            heads.append((Q(ci.kept_bytes), Q(peak), ci.step_flops))
           kc = Q(self.keep_ck(i, free))
           for dead in (True, False):
-            if j == i + 1:
-              best = np.where(idx >= ph, ci.step_flops, inf)
-            else:
-              best = np.where(idx >= ph, ci.step_flops + shift(opt[(i + 1, j, False, dead)], kh), inf)
-            arg = np.zeros(M, dtype=np.int32)  # 0: taped head; k: checkpoint [i, k)
+            best = np.full(M, inf)
+            arg = np.zeros(M, dtype=np.int32)  # -o: taped head under policy o; k: checkpoint [i, k)
+            for o, (kh, ph, fl) in enumerate(heads):
+              rest = fl if j == i + 1 else fl + shift(opt[(i + 1, j, False, dead)], kh)
+              val = np.where(idx >= ph, rest, inf)
+              better = val < best
+              best = np.where(better, val, best)
+              arg = np.where(better, -o, arg)
             for k in range(i + 1, j + 1):
               if free and k == j:
                 continue
@@ -464,10 +492,11 @@ class _BudgetDP:
 
   def _rebuild(self, i, j, free, dead, m, choice, Q):
     k = int(choice[(i, j, free, dead)][m])
-    if k == 0:
-      out = [leaf(i, i + 1)]
+    if k <= 0:
+      policy = self.tapes[i][-k]
+      out = [leaf(i, i + 1, policy=policy)]
       if j > i + 1:
-        out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].kept_bytes), choice, Q)
+        out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].under(policy).kept_bytes), choice, Q)
       return out
     off = k > self.n
     k = k - self.n - 1 if off else k
@@ -482,8 +511,9 @@ class _BudgetDP:
 def _merge_taped(segs: list[Segment]) -> list[Segment]:
   out: list[Segment] = []
   for s in segs:
-    if out and not s.checkpoint and not s.children and not out[-1].checkpoint and not out[-1].children:
-      out[-1] = leaf(out[-1].start, s.stop)
+    if (out and not s.checkpoint and not s.children and not out[-1].checkpoint and not out[-1].children
+        and s.policy == out[-1].policy):
+      out[-1] = leaf(out[-1].start, s.stop, policy=s.policy)
     else:
       out.append(s)
   return out

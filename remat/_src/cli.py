@@ -2,6 +2,7 @@
 
   remat plan     --model transformer --depth 24 --segmenter budget --budget 64MiB
   remat plan     --model examples/my_model.py:model --segmenter budget:256MiB
+  remat fit      --model transformer --memory 2GiB
   remat compare  --model mlp --depths 4 8 16 32 --out results
 
 A bad option prints one line (the flag, the value and the fix) and exits with status 2.
@@ -14,6 +15,11 @@ import importlib
 import sys
 
 from remat._src.units import format_bytes, parse_bytes
+
+MEMORY_COUNTS = (
+    "A memory is per device and counts the whole compiled training step: the parameters, the "
+    "optimizer state (Adam's two moments), the batch, the gradients and every temporary "
+    "(Profile.peak_bytes: arguments + outputs + temporaries - donated buffers).")
 
 BUDGET_COUNTS = (
     "A budget bounds the compiled temp memory of the chain's reference training step (the loss and "
@@ -188,6 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "Size flags set the reference models' sizes, and are passed as keywords to a "
                         "factory of yours that takes them.") + "\n\n" + _wrap(BUDGET_COUNTS),
       epilog=CONTRACT)
+  _model_args(p)
+  p.add_argument("--segmenter", default="sqrt",
+                 help="sqrt | none | every:K | multilevel:L | revolve:S | budget:SIZE (default sqrt)")
+  p.add_argument("--budget", type=size_arg, default=None,
+                 help="the size for --segmenter budget, e.g. 2GiB or 64MiB: a bound on the compiled temp "
+                 "memory of the chain's training step (see above)")
+  p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+
+  f = sub.add_parser(
+      "fit", help="fit a whole training step to a device memory: the plan, the largest batch and length",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=_wrap("Fit the model's whole training step (parameters, Adam state, batch, gradients "
+                        "and activations) to --memory per device with remat.fit and an auto() chain: "
+                        "print the chosen plan with the compiled numbers, then the largest batch (and, "
+                        "where the model takes --seq-len, the largest sequence length) that fits, "
+                        "against plain backprop.") + "\n\n" + _wrap(MEMORY_COUNTS),
+      epilog=CONTRACT)
+  _model_args(f)
+  f.add_argument("--memory", type=size_arg, required=True,
+                 help="memory per device, e.g. 16GiB or 80GB (see above)")
+  f.add_argument("--no-search", action="store_true",
+                 help="fit the given sizes only; skip the search for the largest batch and sequence length")
+  f.add_argument("--no-progress", action="store_true", help="plain lines instead of progress lines")
+
+  c = sub.add_parser("compare", help="measure the memory/compute table of every method",
+                     description="Compile and run every method (standard, forward_only, no_storage, "
+                     "checkpoint_sqrt, multilevel, revolve, budget, offload) on a reference chain "
+                     "for a sweep of depths; print the founding table with measured numbers, write "
+                     "tradeoff.csv and plots (the same code as experiments/tradeoff.py; needs the "
+                     "repository's benchmark package: pip install -e . -e bench). "
+                     "`remat compare --help` lists its options.")
+  del c  # its arguments are parsed by remat_bench.tradeoff (see `main`)
+  ap.subcommands = {"plan": p, "fit": f}  # their one-line errors name `remat plan` / `remat fit`
+  return ap
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="transformer",
                  help="mlp | transformer (reference chains) | package.module:factory | "
                  "path/to/file.py:factory (your own model, see below; default transformer)")
@@ -201,23 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
                  help="sequence length, transformer (default 128)")
   p.add_argument("--heads", type=positive_int("--heads", "4"), default=None,
                  help="attention heads, transformer (default 4; must divide --width)")
-  p.add_argument("--segmenter", default="sqrt",
-                 help="sqrt | none | every:K | multilevel:L | revolve:S | budget:SIZE (default sqrt)")
-  p.add_argument("--budget", type=size_arg, default=None,
-                 help="the size for --segmenter budget, e.g. 2GiB or 64MiB: a bound on the compiled temp "
-                 "memory of the chain's training step (see above)")
-  p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
-
-  c = sub.add_parser("compare", help="measure the memory/compute table of every method",
-                     description="Compile and run every method (standard, forward_only, no_storage, "
-                     "checkpoint_sqrt, multilevel, revolve, budget, offload) on a reference chain "
-                     "for a sweep of depths; print the founding table with measured numbers, write "
-                     "tradeoff.csv and plots (the same code as experiments/tradeoff.py; needs the "
-                     "repository's benchmark package: pip install -e . -e bench). "
-                     "`remat compare --help` lists its options.")
-  del c  # its arguments are parsed by remat_bench.tradeoff (see `main`)
-  ap.subcommands = {"plan": p}  # their one-line errors name `remat plan`
-  return ap
 
 
 def _wrap(text: str, width: int = 88) -> str:
@@ -321,7 +347,7 @@ def cmd_compare(argv) -> int:
 # Options that take a value which may start with "-" (a mistaken negative size):
 # joined as --opt=value so that the value's own check reports it.
 _VALUE_OPTIONS = ("--budget", "--segmenter", "--model", "--depth", "--width", "--batch", "--seq-len",
-                  "--heads")
+                  "--heads", "--memory")
 
 
 def _join_dash_values(argv: list[str]) -> list[str]:
@@ -362,7 +388,11 @@ def main(argv=None) -> int:
     return int(e.code or 0)
   args.budget_text = _option_text(argv, "--budget")
   try:
-    return {"plan": cmd_plan}[args.command](args, ap.subcommands[args.command])
+    if args.command == "fit":
+      from remat._src.cli_fit import cmd_fit
+
+      return cmd_fit(args, ap.subcommands["fit"])
+    return cmd_plan(args, ap.subcommands[args.command])
   except SystemExit as e:  # `parser.error`: one line printed, status 2
     if isinstance(e.code, int):
       return e.code

@@ -73,7 +73,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 JAX_VERSION = _version_tuple(jax.__version__)
 
 # XLA:CPU removes optimization barriers, undoing remat, unless `cse_barrier_expander` is disabled:
-# measured on jax 0.10.2 and 0.11.0, not on 0.11.1, 0.11.2 or 0.12.0.1 (docs/facts.md, facts 1, 17).
+# measured on jax 0.10.2 and 0.11.0, not on 0.11.1, 0.11.2 or 0.12.0.1 (docs/facts.md, facts 1, 20).
 CPU_UNDOES_REMAT = JAX_VERSION < (0, 11, 1)
 
 

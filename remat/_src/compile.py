@@ -208,7 +208,7 @@ def check_cpu_barriers() -> None:
   not be set), the default backend is CPU, the trace is not inside
   ``remat.jit`` (which passes the option per compile), and this jax's XLA:CPU
   undoes remat at all (up to jax 0.11.0; from 0.11.1 it keeps the barriers:
-  docs/facts.md, fact 17).
+  docs/facts.md, fact 20).
   """
   if not _state["warn"] or _with_options.get() or not compat.CPU_UNDOES_REMAT:
     return

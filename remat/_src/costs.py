@@ -20,12 +20,14 @@ stack of identical blocks costs two compiles, once per shape.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from remat._src import policies as policies_lib
 from remat._src import profile as profile_lib
 from remat._src import rng as rng_lib
 from remat._src import specs
@@ -64,7 +66,7 @@ def reference_step(fn: Callable) -> Callable:
 
 
 def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
-                  key: Any = None) -> tuple[LayerCost, ...]:
+                  key: Any = None, *, policies: bool | Sequence[str] = False) -> tuple[LayerCost, ...]:
   """Measures each layer's :class:`LayerCost` from XLA for these shapes.
 
   Args:
@@ -72,6 +74,10 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
     params: one parameter pytree per layer.
     x: the chain input (an array, a tracer or a ``jax.ShapeDtypeStruct``).
     key: an optional PRNG key (or its spec); layer ``i`` is calibrated with it.
+    policies: also measure each layer taped under the recomputation policies of
+      its menu (``LayerCost.policies``: matmul outputs, subsets of its
+      ``checkpoint_name`` tags), keeping those no other option dominates; or
+      under exactly these options (``["dots", "save(context)"]``).
 
   Returns:
     A tuple of :class:`LayerCost`, one per layer.
@@ -100,11 +106,62 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
     p_spec = specs.spec(p)
     y_spec = _output_spec(f, p_spec, x_spec, key_spec)
     kept, transient, flops, step_flops, fwd_temp = _layer_costs(f, p_spec, x_spec, key_spec, y_spec)
-    out.append(LayerCost(input_bytes=specs.device_bytes(x_spec), output_bytes=specs.device_bytes(y_spec),
-                         kept_bytes=kept, transient_bytes=transient, flops=flops,
-                         step_flops=step_flops, forward_transient_bytes=fwd_temp))
+    io = dict(input_bytes=specs.device_bytes(x_spec), output_bytes=specs.device_bytes(y_spec))
+    cost = LayerCost(**io, kept_bytes=kept, transient_bytes=transient, flops=flops,
+                     step_flops=step_flops, forward_transient_bytes=fwd_temp)
+    if policies:
+      wanted = None if policies is True else tuple(policies)
+      cost = dataclasses.replace(cost, policies=_policy_costs(f, p_spec, x_spec, key_spec, y_spec, cost,
+                                                              wanted))
+    out.append(cost)
     x_spec = y_spec
   return tuple(out)
+
+
+def _policy_costs(f, p_spec, x_spec, key_spec, y_spec, tape: LayerCost, wanted=None):
+  """``(option, LayerCost)`` for the options of the layer's menu that nothing else dominates
+  (or for the ``wanted`` options, all of them)."""
+  ck = ("menu", layer_cache_key(f, p_spec, x_spec, key_spec), wanted)
+  if ck in _CACHE:
+    return _CACHE[ck]
+
+  def under(option):
+    return lambda p, x, k: transform.checkpoint(f, policy=policies_lib.policy_of(option))(p, x, k)
+
+  @functools.lru_cache(maxsize=None)
+  def lowered_flops(option):  # cheap: the lowered program, no XLA compile
+    lowered = jax.jit(reference_step(under(option))).lower(p_spec, x_spec, key_spec)
+    return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+  found = [(None, tape)]
+  ratio = policies_lib.device_ratio(x_spec)
+  options = wanted if wanted is not None else policies_lib.menu(f, p_spec, x_spec, key_spec,
+                                                                 step_flops=lowered_flops)
+  for option in options:
+    # What the policy keeps: the layer's input and the residuals jax saves under it (named or
+    # matmul outputs: exact at the jaxpr level); the working set and flops from one compile of
+    # the layer taped under it.
+    policy = policies_lib.policy_of(option)
+    ck_fn = jax.checkpoint(f, policy=policy)
+    res = profile_lib.saved_residuals(lambda p, x, k, g=ck_fn: reference_loss(g(p, x, k)), p_spec, x_spec,
+                                      key_spec)
+    kept = tape.input_bytes + int(ratio * sum(r.bytes for r in res if "argument" not in r.source))
+    one = _profile_cached(("policy", ck[1], option), reference_step(under(option)), p_spec, x_spec,
+                          key_spec)
+    # (When the layer's forward pass peaks higher than its backward, this over-states the
+    # backward's working set: predictions of such options run 10-20% high; verification holds.)
+    found.append((option, dataclasses.replace(
+        tape, kept_bytes=kept, transient_bytes=max(one.temp_bytes - kept, 0), step_flops=one.flops)))
+  kept_options = []
+  for j, (option, c) in enumerate(found[1:], start=1):
+    dominated = any(  # another way to tape this layer keeps no more, peaks no higher, costs no more
+        i != j and d.kept_bytes <= c.kept_bytes and d.step_flops <= c.step_flops
+        and d.kept_bytes + d.transient_bytes <= c.kept_bytes + c.transient_bytes and (d != c or i < j)
+        for i, (_, d) in enumerate(found))
+    if not dominated or wanted is not None:
+      kept_options.append((option, c))
+  _CACHE[ck] = tuple(kept_options)
+  return _CACHE[ck]
 
 
 def chain_key(layers, p_spec, x_spec, key_spec) -> tuple[str, ...]:
@@ -132,8 +189,15 @@ def layer_cache_key(f, p_spec, x_spec, key_spec):
   return str(jax.make_jaxpr(f)(p_spec, x_spec, key_spec)) + specs.describe((p_spec, x_spec, key_spec))
 
 
-def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
-  ck = layer_cache_key(f, p_spec, x_spec, key_spec)
+def _profile_cached(key, fn, *args) -> profile_lib.Profile:
+  if key not in _CACHE:
+    _CACHE[key] = profile_lib.profile(fn, *args)
+  return _CACHE[key]
+
+
+def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
+                 forward: LayerCost | None = None):
+  ck = (layer_cache_key(f, p_spec, x_spec, key_spec), cache_suffix)
   if ck in _CACHE:
     return _CACHE[ck]
   # Calibrate in the regime where taped layers live in a plan: recomputed
@@ -142,7 +206,11 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
   # would let XLA share their random bits and under-count what a layer keeps).
   one = profile_lib.profile(reference_step(transform.checkpoint(
       lambda p, x, k: f(p, x, rng_lib.layer_key(k, 0)))), p_spec, x_spec, key_spec)
-  fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
+  if forward is None:
+    fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
+    fwd_flops, fwd_temp = fwd.flops, fwd.temp_bytes
+  else:  # the same layer under a policy: its forward pass is the same
+    fwd_flops, fwd_temp = forward.flops, forward.forward_transient_bytes
   if _same_structure(x_spec, y_spec):
     # Two layers with their own parameters: each keeps its own gradient buffer.
     twice = transform.checkpoint(
@@ -156,8 +224,8 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec):
     kept = specs.device_bytes(y_spec) + sum(r.bytes for r in res if "argument" not in r.source)
     kept = min(kept, one.temp_bytes)
   transient = max(one.temp_bytes - kept, 0)
-  flops = fwd.flops if fwd.flops == fwd.flops else 0.0
+  flops = fwd_flops if fwd_flops == fwd_flops else 0.0
   # ``one`` ran the layer's forward twice (checkpointed): a taped step is the rest.
   step_flops = one.flops - flops if one.flops == one.flops else 3.0 * flops
-  _CACHE[ck] = (int(kept), int(transient), float(flops), float(step_flops), int(fwd.temp_bytes))
+  _CACHE[ck] = (int(kept), int(transient), float(flops), float(step_flops), int(fwd_temp))
   return _CACHE[ck]

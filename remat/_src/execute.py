@@ -10,12 +10,14 @@ checkpoint a segment's function. Planning never imports this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from remat._src import offload as offload_lib
+from remat._src import policies
 from remat._src import rng as rng_lib
 from remat._src import transform
 from remat._src.plan import Plan, Segment
@@ -30,16 +32,17 @@ OFFLOAD_INPUT = offload_lib.host(argnums=1, min_bytes=0)
 
 
 def build(seg: Segment, run_layer: Callable[[int, Any, Any], Any],
-          checkpoint: Callable[[Callable, bool], Callable]) -> Callable:
+          checkpoint: Callable[..., Callable]) -> Callable:
   """The function ``run(items, x) -> y`` of segment ``seg``.
 
   Args:
     seg: a segment of a plan.
     run_layer: ``run_layer(i, item, x) -> y`` runs layer ``i`` on ``x`` with
       its ``item`` (parameters and key, a module ...).
-    checkpoint: ``checkpoint(fn, offload) -> fn`` wraps a checkpointed
-      segment's ``fn(items, x)``; ``offload`` says whether its stored input
-      ``x`` lives in host memory.
+    checkpoint: ``checkpoint(fn, offload, policy=None) -> fn`` wraps a
+      checkpointed segment's ``fn(items, x)``; ``offload`` says whether its
+      stored input ``x`` lives in host memory. A taped layer with a policy is
+      wrapped alone (``items`` of length one) with that policy.
 
   Returns:
     ``run(items, x)``, where ``items`` holds one entry per layer of ``seg``.
@@ -52,18 +55,31 @@ def build(seg: Segment, run_layer: Callable[[int, Any, Any], Any],
       for a, b, f in parts:
         x = f(items[a:b], x)
       return x
-  else:
+  elif seg.policy is None:
     def run(items, x):
       for i in range(seg.start, seg.stop):
         x = run_layer(i, items[i - seg.start], x)
+      return x
+  else:  # each layer taped under the policy: it keeps what the policy saves, recomputes the rest
+    wrapped = [checkpoint(functools.partial(_one_layer, run_layer, i), False, seg.policy)
+               for i in range(seg.start, seg.stop)]
+
+    def run(items, x):
+      for j, f in enumerate(wrapped):
+        x = f(items[j:j + 1], x)
       return x
   run.__name__ = f"segment_{seg.start}_{seg.stop}"
   return checkpoint(run, seg.offload) if seg.checkpoint else run
 
 
-def checkpoint_segment(fn: Callable, offload: bool) -> Callable:
-  """``remat.checkpoint`` of a segment's ``fn(items, x)``, its input offloaded if asked."""
-  return transform.checkpoint(fn, offload=OFFLOAD_INPUT if offload else None)
+def _one_layer(run_layer, i, items, x):
+  return run_layer(i, items[0], x)
+
+
+def checkpoint_segment(fn: Callable, offload: bool, policy: str | None = None) -> Callable:
+  """``remat.checkpoint`` of a segment's ``fn(items, x)``: its input offloaded, or a policy, if asked."""
+  return transform.checkpoint(fn, offload=OFFLOAD_INPUT if offload else None,
+                              policy=None if policy is None else policies.policy_of(policy))
 
 
 ### Pure layer functions

@@ -32,6 +32,7 @@ from remat._src import compile as compile_lib
 from remat._src import segmenters as seg_lib
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, make_plan
 from remat._src.profile import Profile
+from remat._src.units import format_bytes, parse_bytes
 
 _API = "`remat.fit`"
 
@@ -48,6 +49,9 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
   ``remat.fit`` there is no memory to fit, and planning raises a
   ``ValueError`` that says so (use ``budget(max_bytes)`` to bound one chain).
 
+  Attributes:
+    policies: also choose per-layer recomputation policies (as ``budget`` does).
+
   Example:
 
     >>> import jax, jax.numpy as jnp, remat
@@ -58,6 +62,7 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
     True
   """
 
+  policies: bool = dataclasses.field(default=True, kw_only=True)
   needs_costs: ClassVar[bool] = True
 
   def plan(self, costs: Sequence[LayerCost], *, verifier: Verifier | None = None) -> Plan:
@@ -411,24 +416,19 @@ def _signature(args, kwargs) -> Any:
   return treedef, tuple(key)
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_memory(memory: int | str) -> int:
   """Bytes from an int or a string such as ``"16GiB"``, ``"80GB"``, ``"1.5e9"``."""
-  import re
-
   if isinstance(memory, (int, np.integer)) and not isinstance(memory, bool) and memory > 0:
     return int(memory)
   if isinstance(memory, str):
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", memory)
-    if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
-      return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+      return parse_bytes(memory)
+    except ValueError:
+      pass
   raise ValueError(
       f"the `memory` argument to {_API} must be a positive number of bytes per device, as an int or "
       f"a string such as '16GiB', '80GB' or '1.5e9', but got {memory!r}.")
 
 
 def _fmt(b: float) -> str:
-  return f"{b / 2**30:,.2f} GiB ({int(b):,} B)" if b >= 2**30 else f"{b / 2**20:,.2f} MiB ({int(b):,} B)"
+  return format_bytes(int(b), exact=True)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from remat._src import execute
 from remat._src import nnx as nnx_lib
+from remat._src import policies
 from remat._src import sequential as seq_lib
 from remat._src.plan import Plan
 from remat._src.segmenters import check_segmenter
@@ -84,6 +85,7 @@ class Sequential(nnx.Sequential):
     return run(list(self.layers), x)
 
 
-def _checkpoint_segment(fn, offload: bool):
+def _checkpoint_segment(fn, offload: bool, policy: str | None = None):
   """A checkpointed segment's ``fn(modules, x)`` through ``remat.nnx.checkpoint``."""
-  return nnx_lib.checkpoint(fn, offload=execute.OFFLOAD_INPUT if offload else None)
+  return nnx_lib.checkpoint(fn, offload=execute.OFFLOAD_INPUT if offload else None,
+                            policy=None if policy is None else policies.policy_of(policy))

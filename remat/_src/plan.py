@@ -197,6 +197,24 @@ class Plan:
     return make_plan(root, costs, root.stop, segmenter)
 
   @property
+  def layer_policies(self) -> tuple[str | None, ...]:
+    """The recomputation policy each layer is taped under (``None``: keeps everything)."""
+    out: list[str | None] = [None] * self.num_layers
+
+    def walk(seg):
+      if not seg.children:
+        out[seg.start:seg.stop] = [seg.policy] * seg.size
+      for c in seg.children:
+        walk(c)
+    walk(self.root)
+    return tuple(out)
+
+  @property
+  def recomputes(self) -> bool:
+    """Whether the plan recomputes anything: whole layers, or inside layers under a policy."""
+    return self.recomputed_evaluations > 0 or any(p is not None for p in self.layer_policies)
+
+  @property
   def recomputed_evaluations(self) -> int:
     """Forward evaluations beyond the ``num_layers`` of plain backprop."""
     return self.forward_evaluations - self.num_layers
@@ -238,6 +256,12 @@ def _mib(b) -> str:
 
 
 ### Evaluating a tree under the cost model
+
+
+def forward_peak(c: LayerCost, fresh_input: bool = True) -> float:
+  """Memory a taped layer's forward pass adds while it runs: its input (unless someone already
+  holds it), its working set and its output (docs/facts.md, fact 16)."""
+  return (float(c.input_bytes) if fresh_input else 0.0) + float(c.forward_transient_bytes + c.output_bytes)
 
 
 def backward_transient(costs: Sequence[LayerCost], i: int, policy: str | None = None) -> float:
@@ -351,12 +375,13 @@ class _Simulator:
     for i in range(seg.start, seg.stop):
       self.evals += 1
       self.per_layer[i] += 1
+      fresh = i not in self.states  # its input is the previous layer's output, not held yet
       self._hold_state(i)
       self._count_states(working=i)
       if not self.unit:
         c = self._c(i).under(seg.policy)
         self.flops += c.step_flops
-        self._bump(c.transient_bytes)
+        self._bump(forward_peak(c, fresh))
         self.held += c.kept_bytes
         kept.append(c.kept_bytes)
     return ("tape", kept)

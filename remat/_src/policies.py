@@ -75,9 +75,12 @@ def checkpoint_names(fn: Callable, *args) -> dict[str, int]:
   """The ``checkpoint_name`` tags in ``fn(*args)`` and the bytes of the tensors they name
   (per device where the arguments' shardings are known; summed over repeated names)."""
   jaxpr = jax.make_jaxpr(fn)(*args)
-  ratio = _device_ratio(args[1] if len(args) > 1 else args)  # activations shard like the input
+  ratio = device_ratio(args[1] if len(args) > 1 else args)  # activations shard like the input
   out: dict[str, int] = {}
+  inputs = set(jaxpr.jaxpr.invars)
   for eqn in _walk(jaxpr.jaxpr):
+    if eqn.primitive.name == "name" and eqn.invars[0] in inputs:
+      continue  # a name on the layer's own input: kept anyway, nothing to choose
     if eqn.primitive.name == "name":
       aval = eqn.outvars[0].aval
       nbytes = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
@@ -120,7 +123,8 @@ def _walk(jaxpr):
           yield from _walk(inner)
 
 
-def _device_ratio(args) -> float:
+def device_ratio(args) -> float:
+  """Per-device bytes over global bytes of ``args`` (keys left out): 1 without known shardings."""
   total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(args)
               if hasattr(x, "shape") and hasattr(x, "dtype") and not _is_key(x))
   per = specs.device_bytes([x for x in jax.tree_util.tree_leaves(args) if not _is_key(x)])

@@ -29,6 +29,8 @@ class Segmenter(Protocol):
     needs_costs: ``True`` when ``plan`` needs measured :class:`LayerCost` s
       (``budget``); otherwise the number of layers is enough, and costs only
       fill in the predicted bytes and flops.
+    policies: ``True`` when ``plan`` also chooses per-layer recomputation
+      policies, so the costs must include each layer's policy menu.
 
   ``plan(costs, *, verifier=None)`` takes a number of layers or per-layer
   costs; a :class:`Verifier` lets a segmenter check candidate plans against
@@ -36,6 +38,7 @@ class Segmenter(Protocol):
   """
 
   needs_costs: bool
+  policies: bool
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan: ...
 
@@ -89,6 +92,7 @@ class every:  # noqa: N801 - reads as a phrase: `segmenters.every(4)`
     _check_positive_int(self.k, "k", "remat.segmenters.every", "every(4)")
 
   needs_costs: ClassVar[bool] = False
+  policies: ClassVar[bool] = False
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
@@ -109,6 +113,7 @@ class sqrt:  # noqa: N801
   """
 
   needs_costs: ClassVar[bool] = False
+  policies: ClassVar[bool] = False
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
@@ -148,6 +153,7 @@ class multilevel:  # noqa: N801
     _check_positive_int(self.levels, "levels", "remat.segmenters.multilevel", "multilevel(2)")
 
   needs_costs: ClassVar[bool] = False
+  policies: ClassVar[bool] = False
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
@@ -184,6 +190,7 @@ class none:  # noqa: N801
   """
 
   needs_costs: ClassVar[bool] = False
+  policies: ClassVar[bool] = False
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
@@ -222,6 +229,7 @@ class revolve:  # noqa: N801
     _check_positive_int(self.slots, "slots", "remat.segmenters.revolve", "revolve(4)")
 
   needs_costs: ClassVar[bool] = False
+  policies: ClassVar[bool] = False
 
   def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
