@@ -15,6 +15,7 @@ import textwrap
 import jax
 import pytest
 
+from remat._src import compat
 from remat._src import compile as compile_lib
 
 # 8 layers tanh(x @ w) on a 256 x 128 batch (one activation = 128 KiB), in 2 checkpointed segments
@@ -114,7 +115,10 @@ def test_opting_out_leaves_xla_flags_alone_and_plain_jit_undoes_checkpoints():
   r = _run(PLAIN_JIT.format(imports=""), env={"REMAT_NO_XLA_FLAGS": "1"})
   assert r["state"] == "opted out"
   assert r["flags"] == "--xla_force_host_platform_device_count=8"
-  assert r["ckpt"] >= r["plain"] - 0.5, r  # no saving: fact 1
+  if compat.CPU_UNDOES_REMAT:
+    assert r["ckpt"] >= r["plain"] - 0.5, r  # no saving: fact 1
+  else:
+    assert r["ckpt"] <= 0.7 * r["plain"], r  # jax >= 0.11.1 keeps the barriers itself: fact 20
 
 
 def test_existing_disabled_passes_are_merged():
@@ -169,6 +173,9 @@ print(json.dumps(dict(plain=plain, ckpt=ckpt, with_options=with_options, msgs=ms
 def test_late_import_warns_once_with_the_fix():
   r = _run(LATE)
   assert r["state"] == "too late"
+  if not compat.CPU_UNDOES_REMAT:  # jax >= 0.11.1: nothing to warn about (fact 20)
+    assert r["msgs"] == [] and r["ckpt"] <= 0.7 * r["plain"], r
+    return
   assert len(r["msgs"]) == 1, r["msgs"]
   msg = r["msgs"][0]
   assert "import remat" in msg and "XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander" in msg

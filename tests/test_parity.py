@@ -273,7 +273,9 @@ def test_trace_cache_keeps_no_tracers():
 
   def loss(w):
     box["w"] = w
-    return g(X).sum()
+    out = g(X).sum()
+    box.clear()  # the test's own reference to the tracer is not remat's leak (jax 0.12 reports it)
+    return out
 
   for w in (2.0, 3.0):
     np.testing.assert_allclose(jax.grad(loss)(w), jnp.sin(X).sum(), rtol=1e-6)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import remat
+from remat._src import compat
 
 jit_modes = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 
@@ -308,7 +309,11 @@ def test_chain_recomputes_each_layer_exactly_once():
 
 
 def test_without_the_compiler_option_cpu_undoes_remat():
-  """Documents docs/facts.md, fact 1: the reason remat.jit exists."""
+  """Documents docs/facts.md, fact 1: the reason remat.jit exists, and where it stopped holding.
+
+  Up to jax 0.11.0 XLA:CPU undoes remat without the option (19 activations against 7); from jax
+  0.11.1 it keeps the barriers by itself (7 and 7: docs/facts.md, fact 20): the option is harmless.
+  """
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-specific")
   ws = [jnp.zeros((WIDTH, WIDTH))] * DEPTH
@@ -317,7 +322,11 @@ def test_without_the_compiler_option_cpu_undoes_remat():
   # empty list of disabled passes turns it back on for this compile.
   c = jax.jit(_chain_step(remat.checkpoint), compiler_options={"xla_disable_hlo_passes": ""}).lower(
       ws, x).compile()
-  assert c.memory_analysis().temp_size_in_bytes > _chain_profiles()["remat"].temp_bytes * 1.5
+  plain_compile, with_option = c.memory_analysis().temp_size_in_bytes, _chain_profiles()["remat"].temp_bytes
+  if compat.CPU_UNDOES_REMAT:
+    assert plain_compile > with_option * 1.5
+  else:
+    assert plain_compile <= with_option * 1.02
 
 
 def test_jit_and_compiler_options():

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import jax
 
+from remat._src import compat
+
 # XLA:CPU runs `cse_barrier_expander`, which deletes optimization barriers;
 # CSE and scheduling then move the recomputation back into the forward pass
 # and a checkpointed program uses as much memory as a plain one (docs/facts.md,
@@ -154,13 +156,7 @@ def _barrier_pass_disabled(flags: str) -> bool:
 
 def _backends_started() -> bool | None:
   """Whether jax has started its backends (and read ``XLA_FLAGS``); ``None`` if unknown."""
-  # private API: move to compat.py
-  try:
-    from jax._src import xla_bridge
-
-    return bool(xla_bridge.backends_are_initialized())
-  except Exception:  # noqa: BLE001 - any change in jax's internals: we cannot tell
-    return None
+  return compat.backends_started()
 
 
 def install_xla_flags(environ=None) -> str:
@@ -209,10 +205,12 @@ def check_cpu_barriers() -> None:
 
   ``remat.checkpoint`` calls this when it is traced. It warns only when
   ``import remat`` came after jax's CPU backend started (so ``XLA_FLAGS`` could
-  not be set), the default backend is CPU, and the trace is not inside
-  ``remat.jit`` (which passes the option per compile).
+  not be set), the default backend is CPU, the trace is not inside
+  ``remat.jit`` (which passes the option per compile), and this jax's XLA:CPU
+  undoes remat at all (up to jax 0.11.0; from 0.11.1 it keeps the barriers:
+  docs/facts.md, fact 20).
   """
-  if not _state["warn"] or _with_options.get():
+  if not _state["warn"] or _with_options.get() or not compat.CPU_UNDOES_REMAT:
     return
   if jax.default_backend() != "cpu":
     _state["warn"] = False

@@ -37,10 +37,9 @@ from typing import Any, Callable, Sequence
 import jax
 from flax import errors as flax_errors
 from flax import linen as nn
-from flax.core import lift
-from flax.linen import transforms as linen_transforms
 
 from remat._src import adapter_util
+from remat._src import compat
 from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
 
@@ -161,6 +160,10 @@ def checkpoint(
   # Check the remaining options once, where the user can see them.
   adapter_util.validate_passthrough(_API, policy=policy, offload=offload, prevent_cse=prevent_cse)
   adapter_util.check_flag(_API, "auto_static", auto_static)
+  if not compat.HAS_LINEN_LIFT:
+    return compat.linen_remat_fallback(module_cls, static_argnums=nums, policy=policy, offload=offload,
+                                       prevent_cse=prevent_cse, methods=methods, variables=variables,
+                                       rngs=rngs)
   lifted = functools.partial(_lift_checkpoint, variables=variables, rngs=rngs,
                              static_argnums=tuple(i - 1 for i in nums),  # no `self`
                              policy=policy, offload=_shift_offload(offload),
@@ -174,14 +177,14 @@ def checkpoint(
           f"{_API} is decorating the method `{module_cls.__qualname__}`. Drop `methods`, or "
           "wrap the class: `remat.linen.checkpoint(MyModule, methods=[...])`.")
     _check_static_in_range(nums, module_cls, module_cls.__name__)
-    return linen_transforms.decorator_lift_transform(
+    return compat.decorator_lift_transform(
         functools.partial(lifted, method_name=module_cls.__name__), module_cls)
 
   base = _check_module_class(module_cls)
   method_names = _check_methods(methods, base)
   for name in method_names:
     _check_static_in_range(nums, getattr(base, name), name)
-  out = linen_transforms.lift_transform(
+  out = compat.lift_transform(
       lifted, module_cls, methods={name: {"method_name": name} for name in method_names})
   cls = out.func if isinstance(out, functools.partial) else out
   # Keep the original class name: linen derives auto-names (`Block_0`) from it.
@@ -236,7 +239,7 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
     rng_groups, args, dyn_kwargs = _tie_keys(rng_groups, args, dyn_kwargs, static)
     return checkpointed(variable_groups, rng_groups, *args, **dyn_kwargs)
 
-  return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat",
+  return compat.lift_pack(inner, (variables,), (variables,), (rngs,), name="remat",
                    enable_kwargs=True)
 
 

@@ -33,11 +33,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 from flax import linen as nn
-from flax.core import FrozenDict, lift
-from flax.core.scope import Scope
-from flax.linen import transforms as linen_transforms
+from flax.core import FrozenDict
 
 from remat._src import adapter_util
+from remat._src import compat
 from remat._src import execute
 from remat._src import scanned
 from remat._src import specs
@@ -123,6 +122,7 @@ def scan(
     >>> print(Stack().apply(v, x, method="plan_for").levels)
     ((3, True), (2, False))
   """
+  compat.require_linen_scan(_API)
   base = _check_block(block_cls)
   if not isinstance(length, int) or isinstance(length, bool) or length < 1:
     raise ValueError(f"the `length` argument to {_API} must be a positive int (the number of layers), "
@@ -135,7 +135,7 @@ def scan(
                                             "__module__": base.__module__})
   if isinstance(block_cls, functools.partial):
     with_plan = functools.partial(with_plan, *block_cls.args, **block_cls.keywords)
-  out = linen_transforms.lift_transform(
+  out = compat.lift_transform(
       _lift_scan, with_plan,
       methods={"__call__": dict(mode="call", **options), "plan_for": dict(mode="plan", **options)})
   cls = out.func if isinstance(out, functools.partial) else out
@@ -163,7 +163,7 @@ def _lift_scan(fn: Callable, *, mode: str, length: int, segmenter: Any, variable
     _check_stacked(variable_groups, length)
     split = lambda k: jax.random.split(jax.random.clone(k), length)  # noqa: E731 - as lift.scan
     share = lambda k: jax.numpy.broadcast_to(k, (length,) + k.shape)  # noqa: E731
-    keys = tuple(lift.tree_map_rngs(split if s else share, g) for g, s in zip(rng_groups, split_flags,
+    keys = tuple(compat.lift_tree_map_rngs(split if s else share, g) for g, s in zip(rng_groups, split_flags,
                                                                                strict=True))
     counters = _Counters()
 
@@ -189,11 +189,11 @@ def _lift_scan(fn: Callable, *, mode: str, length: int, segmenter: Any, variable
     counters.publish()
     return y, ()
 
-  packed = lift.pack(inner, var_filters, (), rng_filters, name="scan", enable_kwargs=True)
+  packed = compat.lift_pack(inner, var_filters, (), rng_filters, name="scan", enable_kwargs=True)
 
   def init(scope_tree, x, *args, **kwargs):
     body = lambda scope, c: (fn(scope, c, *args, **kwargs), None)  # noqa: E731
-    return lift.scan(body, variable_axes=variable_axes, split_rngs=split_rngs, length=length)(
+    return compat.lift_scan(body, variable_axes=variable_axes, split_rngs=split_rngs, length=length)(
         scope_tree, x)[0]
 
   def wrapper(scope_tree, x, *args, **kwargs):
@@ -235,8 +235,8 @@ def _copy(counters: dict) -> dict:
   return {k: _copy(v) if isinstance(v, dict) else v for k, v in counters.items()}
 
 
-def _scopes(tree) -> list[Scope]:
-  return [s for s in jax.tree_util.tree_leaves(tree) if isinstance(s, Scope)]
+def _scopes(tree) -> list:
+  return [s for s in jax.tree_util.tree_leaves(tree) if isinstance(s, compat.core_scope)]
 
 
 def _check_immutable(scopes):

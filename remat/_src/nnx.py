@@ -28,11 +28,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
-from flax.nnx import graphlib
-from flax.nnx.transforms import general
-from flax.nnx.transforms.transforms import resolve_kwargs
 
 from remat._src import adapter_util
+from remat._src import compat
 from remat._src.signature import positional_arity
 from remat._src import transform as transform_lib
 from remat._src import pytypes as rt
@@ -42,19 +40,13 @@ _CTXTAG = "remat"
 
 
 def _flax_tree_mode():
-  """flax's pieces of ``nnx.remat``'s tree mode: ``flax.nnx.extract`` and ``SimpleRematFn``.
-
-  # private API: move to compat.py
-  """
-  try:
-    from flax.nnx import extract
-    from flax.nnx.transforms.autodiff import SimpleRematFn
-  except ImportError as e:  # pragma: no cover - depends on the flax version
+  """flax's pieces of ``nnx.remat``'s tree mode: ``flax.nnx.extract`` and ``SimpleRematFn``."""
+  if not compat.HAS_NNX_TREE_MODE:
     raise NotImplementedError(
         f"{_API}(graph=False) / (graph_updates=False) reuses flax's tree-mode remat "
-        f"(`flax.nnx.transforms.autodiff.SimpleRematFn`), which this flax version lacks ({e}). "
-        "Use the default graph mode, or flax >= 0.12.8.") from e
-  return extract, SimpleRematFn
+        "(`flax.nnx.transforms.autodiff.SimpleRematFn` and `flax.nnx.extract`), which this flax "
+        f"lacks ({compat.versions()}). Use the default graph mode, or flax >= 0.12.8.")
+  return compat.nnx_extract, compat.nnx_simple_remat_fn
 
 
 class BoundMethodError(TypeError, ValueError):
@@ -170,7 +162,7 @@ def checkpoint(
   @functools.wraps(f)
   def checkpointed(*args, **kwargs):
     if kwargs:
-      args = tuple(resolve_kwargs(f, args, kwargs))
+      args = tuple(compat.resolve_kwargs(f, args, kwargs))
     static = set()
     for i in nums:
       j = i + len(args) if i < 0 else i
@@ -207,7 +199,9 @@ def _graph_transformed(f, static, *, policy, offload, prevent_cse):
   changed or not; ``remat.checkpoint`` hands back unchanged inputs without
   making them outputs of the checkpoint (they would get zero cotangents).
   """
-  merged = general.merge_inputs(f, ctxtag=_CTXTAG)
+  if not compat.HAS_NNX_SPLIT_MERGE:
+    return compat.nnx_remat_fallback(f, static, policy=policy, offload=offload, prevent_cse=prevent_cse)
+  merged = compat.nnx_merge_inputs(f, ctxtag=_CTXTAG)
   inner = transform_lib.checkpoint(merged, static_argnums=static, policy=policy,
                                    offload=offload, prevent_cse=prevent_cse)
 
@@ -215,7 +209,7 @@ def _graph_transformed(f, static, *, policy, offload, prevent_cse):
   def tied(*pure_args):
     return inner(*_tie_rng_state(pure_args, static))
 
-  return graphlib.update_context(_CTXTAG)(general.split_inputs(tied, ctxtag=_CTXTAG))
+  return compat.nnx_update_context(_CTXTAG)(compat.nnx_split_inputs(tied, ctxtag=_CTXTAG))
 
 
 def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):

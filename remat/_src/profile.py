@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from remat._src import compat
 from remat._src import compile as compile_lib
 
 _DOT_RE = re.compile(
@@ -114,15 +115,12 @@ def compile_fn(fn: Callable, *args, **kwargs):
   # Options given to ``lowered.compile`` replace the ones from jax.jit; a
   # function from ``remat.jit`` already carries them, merging is idempotent.
   opts = compile_lib.merge_compiler_options(
-      getattr(lowered, "_compiler_options", None) or None, backend)
+      compat.lowered_compiler_options(lowered), backend)
   return lowered.compile(opts), backend
 
 
 def _lowered_backend(lowered) -> str:
-  try:
-    return lowered.compile_args_platforms[0]  # type: ignore[attr-defined]
-  except Exception:  # noqa: BLE001 - private attribute, fall back to default
-    return jax.default_backend()
+  return compat.lowered_platform(lowered)
 
 
 def profile(fn: Callable, *args, **kwargs) -> Profile:
@@ -213,9 +211,7 @@ def saved_residuals(fn: Callable, *args, **kwargs) -> list[Residual]:
     >>> [r.shape for r in remat.saved_residuals(f, jnp.ones(3))]
     [(3,)]
   """
-  from jax._src import ad_checkpoint as _adc  # the only place jax lists residuals
-
-  found = _adc.saved_residuals(fn, *args, **kwargs)
+  found = compat.saved_residuals(fn, *args, **kwargs)
   out = []
   for aval, src in found:
     shape = tuple(getattr(aval, "shape", ()))

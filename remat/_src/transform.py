@@ -30,11 +30,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util as _source_info  # name stacks: see _fresh_name_stack
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
+from remat._src import compat  # name stacks: see _fresh_name_stack
 from remat._src import compile as compile_lib
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
@@ -44,37 +44,12 @@ from remat._src.signature import positional_arity
 _API = "`remat.checkpoint`"
 
 
-def _traceback_util():
-  """jax's traceback filtering: ``(register_exclusion, api_boundary)``; no-ops if jax moves them.
-
-  # private API: move to compat.py
-  """
-  try:
-    from jax._src import traceback_util
-    return traceback_util.register_exclusion, traceback_util.api_boundary
-  except (ImportError, AttributeError):
-    return (lambda path: None), (lambda fun: fun)
-
-
 # remat's own frames (everything under remat/_src) are left out of filtered tracebacks and of
 # the user frame recorded in jaxprs, as jax and flax leave out theirs; a function that is an
 # `api_boundary` filters the traceback of an error raised below it.
-_register_exclusion, api_boundary = _traceback_util()
-_register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+api_boundary = compat.api_boundary
+compat.register_traceback_exclusion(os.path.dirname(os.path.abspath(__file__)))
 jex_source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _trace_context() -> Any:
-  """jax's tracing context (x64, matmul precision, mesh, named axes): part of every trace-cache key.
-
-  # private API: move to compat.py
-  """
-  try:
-    from jax._src import config as jax_config
-    return jax_config.trace_context()
-  except (ImportError, AttributeError):  # keep caching correct for the public flags at least
-    return (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
-            jax.config.jax_numpy_rank_promotion)
 
 
 class RecomputationMismatchError(RuntimeError):
@@ -301,7 +276,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     leaves, in_tree = jax.tree_util.tree_flatten((dyn_args, kwargs))
     leaves = [_as_array(x) for x in leaves]
     key = (len(args), tuple((i, type(v), v) for i, v in static.items()), in_tree,
-           tuple(jax.typeof(x) for x in leaves), _trace_context())
+           tuple(jax.typeof(x) for x in leaves), compat.trace_context())
     traced = cache.get(key)
     if traced is not None:
       cache.move_to_end(key)
@@ -479,7 +454,7 @@ def _fresh_name_stack(converted):
 
   @functools.wraps(converted)
   def run(*args):
-    with _source_info.reset_name_stack():
+    with compat.reset_name_stack():
       return converted(*args)
 
   return run
