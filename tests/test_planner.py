@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import remat
+from remat._src import compat
 from remat import segmenters as S
 from remat.segmenters import Plan, Segment
 
@@ -251,10 +252,11 @@ def test_budget_is_never_worse_than_a_uniform_plan_on_a_heterogeneous_chain(seg)
   # A wide layer makes two forward matmuls, a sine one none.
   assert planned.forward_dots() == 2 * sum(n for n, f in zip(plan.layer_evaluations, layers, strict=True)
                                            if f is wide)
-  # Predictions miss by up to 16% on this chain (docs/facts.md, fact 12); verification closes the gap.
+  # Predictions miss by up to 16% on this chain with jax 0.10, 21% with 0.12 (docs/facts.md,
+  # fact 12); verification closes the gap.
   u = remat.sequential(layers, seg).plan_for(ps, x, compile=True)
   assert u.compiled_temp_bytes == m
-  assert abs(u.predicted_peak_bytes - m) <= 0.2 * m, str(u)
+  assert abs(u.predicted_peak_bytes - m) <= 0.25 * m, str(u)
 
 
 TB, TT, TW = 2, 32, 32  # a small transformer: batch, sequence, width
@@ -316,9 +318,10 @@ def test_budget_below_the_smallest_names_it():
     remat.sequential(layers, S.budget(HACT)).plan_for(ps, x)
   # Costs are measured from XLA and cached by the layer's computation and shape.
   assert costs[0] == costs[3] and costs[1] == costs[2]
-  # A taped wide layer keeps its input and its 8x-wide tanh; a sine one sin(x), cos(x) and its output.
+  # A taped wide layer keeps its input and its 8x-wide tanh; a sine one sin(x), cos(x) and its
+  # output (XLA:CPU of jax 0.12 holds one buffer more).
   assert costs[0].kept_bytes == pytest.approx(9 * HACT, rel=0.01)
-  assert costs[1].kept_bytes == pytest.approx(3 * HACT, rel=0.01)
+  assert round(costs[1].kept_bytes / HACT) in ((3,) if compat.JAX_VERSION < (0, 11) else (3, 4))
 
 
 # -- homogeneous stacks: nested scans ------------------------------------------------------

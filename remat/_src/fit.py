@@ -330,22 +330,45 @@ class _Search:
     return plans
 
   def search_joint(self, dps, chains, base, scale, known) -> tuple[Plan, ...]:
-    """Several chains share the memory: a joint frontier, re-aimed by each compiled peak."""
+    """Several chains share the memory: a joint frontier, re-aimed by each compiled peak, and the
+    uniform plans applied to every chain as verified candidates (never worse than uniform).
+
+    As ``budget``'s verified search, the cheapest plausible candidate is compiled first: a
+    prediction is plausible if ``low`` times it fits, ``low`` the lowest compiled/predicted ratio
+    seen (0.7 to start: the step is calibrated at two plans only)."""
     best = min((p for p in known if known[p].peak_bytes <= self.memory), key=_flops)
     avail = (self.memory - base) / scale
+    uniform = _uniform_tuples(chains)
+    low, aiming = 0.7, True
+
+    def predicted(plans):
+      return sum(p.predicted_peak_bytes or 0 for p in plans)
+
     while self.compiles < self.f._max_compiles:
-      plans = _joint_plans(dps, chains, avail)
-      if plans is None or plans in known:
+      joint = _joint_plans(dps, chains, avail) if aiming else None
+      if joint is not None and joint in known:
+        joint, aiming = None, False
+      options = [u for u in uniform if u not in known and low * predicted(u) <= avail]
+      options += [joint] if joint is not None else []
+      options = [o for o in options if _flops(o) < _flops(best)]
+      if not options:
         break
-      prof = known[plans] = self.compile(plans)[0]
+      cand = min(options, key=lambda o: (_flops(o), predicted(o)))
+      prof = known[cand] = self.compile(cand)[0]
+      if predicted(cand) > 0:
+        low = min(low, max((prof.peak_bytes - base) / scale, 0.0) / predicted(cand))
       if prof.peak_bytes <= self.memory:
-        if _flops(plans) < _flops(best):
-          best = plans
-        if prof.peak_bytes >= 0.98 * self.memory:
-          break
-        avail += (self.memory - prof.peak_bytes) / scale
-      else:
+        best = cand
+        if cand is joint:
+          if prof.peak_bytes >= 0.98 * self.memory:
+            aiming = False
+          avail += (self.memory - prof.peak_bytes) / scale
+      elif cand is joint:
         avail -= (prof.peak_bytes - self.memory) / scale
+    if best in uniform:
+      labelled = tuple(dataclasses.replace(p, segmenter=f"auto = {p.segmenter}") for p in best)
+      known[labelled] = known[best]
+      best = labelled
     return best
 
   def report(self, plans, prof, plain) -> FitReport:
@@ -394,6 +417,12 @@ def _joint_plans(dps, chains, avail: float, m_max: int = 2048) -> tuple[Plan, ..
   ms.reverse()
   return tuple(make_plan(tree_at(m), c.costs, len(c.costs), "auto")
                for (_, tree_at), m, c in zip(fronts, ms, chains, strict=True))
+
+
+def _uniform_tuples(chains) -> list[tuple[Plan, ...]]:
+  """Each uniform plan (``budget_lib.uniform_plans``) applied to every chain alike."""
+  per = [{p.segmenter: p for p in budget_lib.uniform_plans(c.costs)} for c in chains]
+  return [tuple(d[label] for d in per) for label in per[0] if all(label in d for d in per[1:])]
 
 
 def _flops(plans) -> float:
