@@ -73,6 +73,15 @@ def test_fit_fits_the_compiled_step_and_trains_like_plain():
   got = fitted(ws, x)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
   assert "remat.fit" in str(report) and "chain 0" in str(report)
+  assert report.compiles <= 12  # the default max_compiles
+
+
+@pytest.mark.parametrize("max_compiles", [2, 4])
+def test_fit_compiles_the_step_at_most_max_compiles_times(max_compiles):
+  memory = int(0.6 * peak_of(plain_plan(D))[0])
+  report = remat.fit(sgd_step(S.auto()), memory, donate_argnums=0, max_compiles=max_compiles).plans(
+      *args())
+  assert report.fits and report.compiles <= max_compiles
 
 
 # -- never worse than uniform ------------------------------------------------------------

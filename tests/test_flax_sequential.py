@@ -195,3 +195,8 @@ def test_nnx_errors():
     remat.nnx.Sequential(segmenter=S.sqrt())
   with pytest.raises(TypeError, match=r"`segmenter` of `remat.nnx.Sequential`.*3"):
     remat.nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), segmenter=3)
+  layers = [nnx.Linear(2, 2, rngs=nnx.Rngs(0)) for _ in range(3)]
+  with pytest.raises(TypeError, match=r"separate arguments.*one list of 3.*Sequential\(\*layers"):
+    remat.nnx.Sequential(layers, segmenter=S.sqrt())
+  with pytest.raises(TypeError, match=r"layer 1 of `remat.nnx.Sequential` must be callable.*int: 5"):
+    remat.nnx.Sequential(layers[0], 5)

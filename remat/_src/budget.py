@@ -181,14 +181,17 @@ def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
   plausible one is compiled first, so a uniform plan that fits is never beaten
   by a costlier answer. A prediction counts as plausible if ``low`` times it
   fits (compiled / predicted was 0.84-1.2 on the chains of docs/facts.md,
-  fact 12), or the lowest ratio seen so far.
+  fact 12), or the lowest ratio seen so far. ``extra`` plans were measured
+  before: they are candidates too, and evaluating them counts against no
+  compile of ``max_compiles``.
   """
   n = len(costs)
   smallest = dp.min_peak()
   pool = list(uniform_plans(costs)) + list(extra)
+  free = {p.root for p in extra}  # measured already: evaluating them spends no compile
   compiled: dict[Segment, int] = {}
   target, best = float(limit), None
-  while len(compiled) < max_compiles:
+  while sum(root not in free for root in compiled) < max_compiles:
     dp_plan = None
     if target >= smallest:
       dp_plan = make_plan(dp.solve(target), costs, n, name)

@@ -79,7 +79,7 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
 ### remat.fit
 
 
-def fit(step: Callable, memory: int | str, *, max_compiles: int = 10, **jit_kwargs) -> Fitted:
+def fit(step: Callable, memory: int | str, *, max_compiles: int = 12, **jit_kwargs) -> Fitted:
   """Jits ``step`` and plans its ``auto()`` chains so that it fits ``memory`` per device.
 
   Args:
@@ -299,7 +299,8 @@ class _Search:
     self.lows: dict[tuple[Plan, ...], Profile] = {}
     for plans in options:
       self.lows[plans] = self.compile(plans)[0]
-      if len(self.lows) >= 2 and min(q.peak_bytes for q in self.lows.values()) <= self.memory:
+      fits = min(q.peak_bytes for q in self.lows.values()) <= self.memory
+      if self.compiles >= self.f._max_compiles or (fits and len(self.lows) >= 2):
         break
     best = min(self.lows, key=lambda o: self.lows[o].peak_bytes)
     return best, self.lows[best]
@@ -318,7 +319,7 @@ class _Search:
       over = known[by_root[plan.root]].peak_bytes - self.memory
       return limit + (math.ceil(over / scale) if over > 0 else -math.floor(-over / scale))
     extra = [p for (p,) in known]  # compiled already: reused, not compiled again
-    budget = self.f._max_compiles - self.compiles + len(extra)
+    budget = self.f._max_compiles - self.compiles
     try:
       # The step's peak is calibrated at two plans only: allow larger misses than `budget` does.
       plan = budget_lib.verified_search(dp, chain.costs, limit, temp, budget, name="auto", api=_API,

@@ -53,6 +53,15 @@ class Sequential(nnx.Sequential):
   def __init__(self, *fns: Callable[..., Any], segmenter: Any = None):
     if not fns:
       raise ValueError(f"{_API} needs at least one layer, but got none.")
+    if len(fns) == 1 and isinstance(fns[0], (list, tuple)):
+      raise TypeError(
+          f"{_API} takes its layers as separate arguments, as `nnx.Sequential` does, but got one "
+          f"{type(fns[0]).__name__} of {len(fns[0])}; write `remat.nnx.Sequential(*layers, "
+          "segmenter=...)`.")
+    for i, fn in enumerate(fns):
+      if not callable(fn):
+        raise TypeError(f"layer {i} of {_API} must be callable (an `nnx.Module` or a function), "
+                        f"but got {type(fn).__name__}: {fn!r:.80}.")
     if segmenter is not None:
       check_segmenter(segmenter, f"the `segmenter` of {_API}", len(fns))
     super().__init__(*fns)
