@@ -154,11 +154,6 @@ def _barrier_pass_disabled(flags: str) -> bool:
   return bool(lists) and _BARRIER_PASS in lists[-1]
 
 
-def _backends_started() -> bool | None:
-  """Whether jax has started its backends (and read ``XLA_FLAGS``); ``None`` if unknown."""
-  return compat.backends_started()
-
-
 def install_xla_flags(environ=None) -> str:
   """Makes every jit on CPU keep checkpoints, if not too late (``import remat`` runs this).
 
@@ -181,7 +176,7 @@ def install_xla_flags(environ=None) -> str:
     outcome = "opted out"
   elif _barrier_pass_disabled(flags):
     outcome = "present"
-  elif _backends_started():
+  elif compat.backends_started():
     outcome = "too late"
   else:
     environ["XLA_FLAGS"] = flags_with_barrier_pass(flags)

@@ -111,16 +111,12 @@ def compile_fn(fn: Callable, *args, **kwargs):
   """Lower and compile ``fn`` (jitted or not) with ``remat.compiler_options()``."""
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   lowered = jitted.lower(*args, **kwargs)
-  backend = _lowered_backend(lowered)
+  backend = compat.lowered_platform(lowered)
   # Options given to ``lowered.compile`` replace the ones from jax.jit; a
   # function from ``remat.jit`` already carries them, merging is idempotent.
   opts = compile_lib.merge_compiler_options(
       compat.lowered_compiler_options(lowered), backend)
   return lowered.compile(opts), backend
-
-
-def _lowered_backend(lowered) -> str:
-  return compat.lowered_platform(lowered)
 
 
 def profile(fn: Callable, *args, **kwargs) -> Profile:
