@@ -1,7 +1,6 @@
 """remat: activation checkpointing (rematerialization) for JAX and Flax."""
 
 from remat import linen, nnx, offload, rng, segmenters
-from remat._src import compile as _compile
 from remat._src.compile import CpuFlagsWarning, compiler_options, jit
 from remat._src.fit import FitReport, Fitted, fit
 from remat._src.plan import Plan
@@ -9,11 +8,8 @@ from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.sequential import sequential
 from remat._src.transform import RecomputationMismatchError, checkpoint
 
-# While jax's CPU backend has not started (importing jax, flax and the modules
-# above does not start it; tests/test_cpu_flags.py checks): XLA_FLAGS that make
-# plain `jax.jit` keep checkpoints on CPU (docs/facts.md, fact 14). Opt out with
-# REMAT_NO_XLA_FLAGS=1.
-_compile.install_xla_flags()
+# Importing remat changes nothing for programs that do not use it: no XLA flag, no jax config
+# (docs/facts.md, fact 24; tests/test_do_no_harm.py).
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ def test_every_private_name_is_found_on_the_installed_versions():
       "register_exclusion": compat._traceback_register_exclusion,
       "api_boundary": compat._traceback_api_boundary,
       "trace_context": compat._trace_context,
-      "backends_are_initialized": compat._backends_are_initialized,
+      "trace_state_clean": compat._trace_state_clean,
       "SimpleRematFn": compat.nnx_simple_remat_fn,
       "lift.scan": compat.lift_scan,
       "tree_map_rngs": compat.lift_tree_map_rngs,
@@ -118,9 +118,11 @@ def test_lowered_helpers_fall_back_on_unknown_objects():
 
 
 def test_jax_internals_fall_back_to_public_behaviour(monkeypatch):
-  assert compat.backends_started() is True  # this test process has run jax on CPU
-  monkeypatch.setattr(compat, "_backends_are_initialized", None)
-  assert compat.backends_started() is None  # unknown, not a guess
+  assert compat.outside_traces()
+  assert jax.jit(lambda x: jnp.asarray(compat.outside_traces()))(1.0).item() is False
+  monkeypatch.setattr(compat, "_trace_state_clean", None)  # then traced arguments decide
+  assert compat.outside_traces((1.0, jnp.ones(2)))
+  assert jax.jit(lambda x: jnp.asarray(compat.outside_traces(x)))(1.0).item() is False
   monkeypatch.setattr(compat, "_trace_context", None)
   assert compat.trace_context() == (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
                                     jax.config.jax_numpy_rank_promotion)
@@ -214,10 +216,10 @@ def test_without_the_name_stack_reset_nested_checkpoints_work_and_warn():
   assert hidden["longest_name"] > 4 * normal["longest_name"], (hidden, normal)
 
 
-def test_without_jax_traceback_config_and_xla_bridge_checkpoints_still_work():
-  names = "compat._trace_context, compat._traceback_api_boundary, compat._backends_are_initialized"
-  hidden = _run_hidden(_hide_modules("jax._src.traceback_util", "jax._src.config", "jax._src.xla_bridge"),
-                       _NESTED + f"\nout['fallbacks'] = [{names}] == [None] * 3\n")
+def test_without_jax_traceback_config_checkpoints_still_work():
+  names = "compat._trace_context, compat._traceback_api_boundary"
+  hidden = _run_hidden(_hide_modules("jax._src.traceback_util", "jax._src.config"),
+                       _NESTED + f"\nout['fallbacks'] = [{names}] == [None] * 2\n")
   assert hidden["fallbacks"] and hidden["grads_equal"] and hidden["warnings"] == []
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import remat
 from remat._src import compat
+from remat._src import compile as remat_compile
 
 jit_modes = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 
@@ -318,10 +319,8 @@ def test_without_the_compiler_option_cpu_undoes_remat():
     pytest.skip("CPU-specific")
   ws = [jnp.zeros((WIDTH, WIDTH))] * DEPTH
   x = jnp.zeros((BATCH, WIDTH))
-  # `import remat` disables the pass for plain jax.jit through XLA_FLAGS (fact 14); an explicit
-  # empty list of disabled passes turns it back on for this compile.
-  c = jax.jit(_chain_step(remat.checkpoint), compiler_options={"xla_disable_hlo_passes": ""}).lower(
-      ws, x).compile()
+  # Plain jax.jit: remat sets no process-wide flag (docs/facts.md, fact 24).
+  c = jax.jit(_chain_step(remat.checkpoint)).lower(ws, x).compile()
   plain_compile, with_option = c.memory_analysis().temp_size_in_bytes, _chain_profiles()["remat"].temp_bytes
   if compat.CPU_UNDOES_REMAT:
     assert plain_compile > with_option * 1.5
@@ -330,7 +329,11 @@ def test_without_the_compiler_option_cpu_undoes_remat():
 
 
 def test_jit_and_compiler_options():
-  assert remat.compiler_options("cpu") == {"xla_disable_hlo_passes": "cse_barrier_expander"}
+  want = "cse_barrier_expander,small-while-loop-hoisting" if compat.CPU_UNDOES_REMAT else None
+  assert remat.compiler_options("cpu").get("xla_disable_hlo_passes") == want
+  merged = remat_compile.merge_compiler_options({"xla_disable_hlo_passes": "foo,cse_barrier_expander"}, "cpu")
+  assert merged == ({"xla_disable_hlo_passes": "foo,cse_barrier_expander,small-while-loop-hoisting"}
+                    if compat.CPU_UNDOES_REMAT else {"xla_disable_hlo_passes": "foo,cse_barrier_expander"})
   assert remat.compiler_options("gpu") == {}
   f = remat.jit(lambda x: x * 2, compiler_options={"xla_disable_hlo_passes": "foo"})
   assert float(f(1.0)) == 2.0
@@ -340,6 +343,19 @@ def test_jit_and_compiler_options():
     return x * n
 
   assert float(g(2.0, 3)) == 6.0
+
+
+def test_remat_jit_inside_other_transformations():
+  # jax accepts compiler options on top-level jits only; nested, remat.jit is jax.jit without ours.
+  f = remat.jit(lambda x: jnp.sum(jnp.sin(x)))
+  x = jnp.linspace(0.0, 1.0, 4)
+  want = jnp.cos(x)
+  chex.assert_trees_all_close(jax.grad(f)(x), want)
+  chex.assert_trees_all_close(jax.jit(jax.grad(f))(x), want)
+  chex.assert_trees_all_close(jax.vjp(f, x)[1](1.0)[0], want)
+  chex.assert_trees_all_close(jax.linearize(f, x)[1](jnp.ones(4)), jnp.sum(want))
+  chex.assert_trees_all_close(jax.vmap(f)(x[:, None]), jnp.sin(x))
+  assert f.lower(x).compile() is not None and f.__name__ == "<lambda>"  # jax.jit's attributes
 
 
 def test_profile_fields_and_str():

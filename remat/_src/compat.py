@@ -19,8 +19,11 @@ Where each name lives (the same in jax 0.10.2, 0.11.2 and 0.12.0.1, flax 0.12.8 
 * ``trace_context`` (``jax._src.config``): part of every trace-cache key.
   Without it the key holds the public flags that change a trace (x64, matmul
   precision, rank promotion).
-* ``backends_are_initialized`` (``jax._src.xla_bridge``): whether
-  ``XLA_FLAGS`` can still take effect. Without it: unknown (``None``).
+* ``trace_state_clean`` (``jax._src.core``): whether a call happens outside
+  every jax trace, so that ``remat.jit`` may pass compiler options (jax allows
+  them on top-level jits only). Without it ``remat.jit`` looks for traced
+  arguments instead (a jit called on constants inside another trace then raises
+  jax's error about nested compiler options).
 * ``saved_residuals``: ``jax._src.ad_checkpoint``. Without it the same listing
   is read here from the jaxpr of ``jax.vjp`` (public API; no warning).
 * A ``Lowered``'s compiler options and platform: ``Lowered._lowering``'s
@@ -162,17 +165,20 @@ def trace_context() -> Any:
           jax.config.jax_numpy_rank_promotion)
 
 
-_backends_are_initialized = _find(("jax._src.xla_bridge", "backends_are_initialized"))
+_trace_state_clean = _find(("jax._src.core", "trace_state_clean"))
 
 
-def backends_started() -> bool | None:
-  """Whether jax has started its backends (and read ``XLA_FLAGS``); ``None`` if unknown."""
-  if _backends_are_initialized is None:
-    return None
-  try:
-    return bool(_backends_are_initialized())
-  except Exception:  # noqa: BLE001 - any change in jax's internals: we cannot tell
-    return None
+def outside_traces(args: Any = ()) -> bool:
+  """Whether code runs outside every jax transformation (``jit``, ``grad``, ``vmap`` ...).
+
+  Without jax's own answer, ``args`` decide: no traced value among them.
+  """
+  if _trace_state_clean is not None:
+    try:
+      return bool(_trace_state_clean())
+    except Exception:  # noqa: BLE001 - any change in jax's internals: fall back
+      pass
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
 
 
 ### jax: residuals of a vjp

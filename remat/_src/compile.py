@@ -1,13 +1,13 @@
-"""Compiler options that keep rematerialization alive: ``remat.jit``, and ``XLA_FLAGS`` for every jit.
+"""Compiler options that keep rematerialization alive, applied only to what remat compiles.
 
-XLA:CPU removes optimization barriers and so undoes checkpointing (docs/facts.md,
-fact 1). Two ways keep them: per compile (``remat.jit``, ``remat.profile``,
-``remat.compiler_options()``), or for the whole process through ``XLA_FLAGS``,
-which XLA reads when jax starts its CPU backend (fact 14). ``import remat``
-does the latter when it still can (:func:`install_xla_flags`), so plain
-``jax.jit``, ``nnx.jit`` and flax training loops keep the savings too; when
-the backend had already started, the first checkpoint traced on CPU warns once
-(:func:`check_cpu_barriers`). ``REMAT_NO_XLA_FLAGS=1`` opts out.
+XLA:CPU before jax 0.11.1 removes optimization barriers and so undoes
+checkpointing (docs/facts.md, fact 1). ``remat.jit``, ``remat.profile``,
+``remat.fit`` and the planners' compiles pass the options that keep the
+barriers, per compile (:func:`compiler_options`). Nothing is set for the
+process: ``import remat`` changes no other program's compilation (fact 24 says
+why a process-wide flag is unsafe). Under a plain ``jax.jit`` on such a jax, a
+checkpoint saves no memory; the first one traced there warns once
+(:func:`check_cpu_barriers`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ import jax
 
 from remat._src import compat
 
-# XLA:CPU runs `cse_barrier_expander`, which deletes optimization barriers;
-# CSE and scheduling then move the recomputation back into the forward pass
-# and a checkpointed program uses as much memory as a plain one (docs/facts.md,
-# fact 1). GPU and TPU keep their barriers.
-_NEEDS_BARRIER_OPTION = {"cpu": {"xla_disable_hlo_passes": "cse_barrier_expander"}}
+# Passes XLA:CPU must skip for a checkpoint to save memory, up to jax 0.11.0 (docs/facts.md,
+# facts 1, 20, 24). `cse_barrier_expander` deletes optimization barriers, after which CSE and
+# scheduling move the recomputation back into the forward pass. With the barriers kept,
+# `small-while-loop-hoisting` must go too: it turns a while loop that touches under 1 KiB per
+# iteration into one nested kernel, whose emitter cannot hold a barrier (the process aborts in
+# `shape.h: Check failed: buffer != nullptr`, or compiling fails with "Unhandled opcode for
+# elemental IR emission: opt-barrier"). Such loops then run as the thunk loops that larger ones
+# are anyway. From jax 0.11.1 XLA:CPU keeps the barriers by itself: no option at all.
+_BARRIER_PASSES = ("cse_barrier_expander", "small-while-loop-hoisting")
+_NEEDS_OPTIONS = {"cpu": {"xla_disable_hlo_passes": ",".join(_BARRIER_PASSES)}} if compat.CPU_UNDOES_REMAT else {}
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any]:
@@ -38,28 +43,35 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
 
   Returns:
     A new dict to pass as ``jax.jit(..., compiler_options=...)`` or
-    ``lowered.compile(compiler_options)``; empty where none are needed.
+    ``lowered.compile(compiler_options)``; empty where none are needed: on
+    GPU and TPU, and on CPU from jax 0.11.1 (docs/facts.md, fact 20).
 
   Example:
 
     >>> import remat
-    >>> remat.compiler_options("cpu")
-    {'xla_disable_hlo_passes': 'cse_barrier_expander'}
     >>> remat.compiler_options("tpu")
     {}
+    >>> sorted(remat.compiler_options("cpu")) in ([], ["xla_disable_hlo_passes"])
+    True
   """
   backend = backend or jax.default_backend()
-  return dict(_NEEDS_BARRIER_OPTION.get(backend, {}))
+  return dict(_NEEDS_OPTIONS.get(backend, {}))
 
 
 def merge_compiler_options(user: dict[str, Any] | None, backend: str | None = None) -> dict[str, Any]:
-  """Our options merged into ``user``'s (pass lists are joined, not replaced)."""
+  """Our options merged into ``user``'s (pass lists are joined, not replaced).
+
+  Example:
+
+    >>> from remat._src.compile import merge_compiler_options
+    >>> merge_compiler_options({"xla_disable_hlo_passes": "foo"}, "tpu")
+    {'xla_disable_hlo_passes': 'foo'}
+  """
   merged = dict(user or {})
   for k, v in compiler_options(backend).items():
     if k == "xla_disable_hlo_passes" and merged.get(k):
       passes = [p for p in str(merged[k]).split(",") if p]
-      if v not in passes:
-        passes.append(v)
+      passes += [p for p in v.split(",") if p not in passes]
       merged[k] = ",".join(passes)
     else:
       merged.setdefault(k, v)
@@ -69,9 +81,12 @@ def merge_compiler_options(user: dict[str, Any] | None, backend: str | None = No
 def jit(fn: Callable | None = None, /, **jit_kwargs) -> Callable:
   """``jax.jit`` with the compiler options that keep rematerialization.
 
-  On CPU this disables XLA's ``cse_barrier_expander`` pass, without which the
-  CPU compiler silently undoes checkpointing; on other backends it adds
-  nothing. Any ``compiler_options`` you pass are kept and merged.
+  On CPU before jax 0.11.1 this disables XLA's ``cse_barrier_expander`` pass,
+  without which the CPU compiler silently undoes checkpointing, and its
+  ``small-while-loop-hoisting`` pass, which cannot compile a kept barrier
+  (docs/facts.md, fact 24); elsewhere it adds nothing. Any
+  ``compiler_options`` you pass are kept and merged. Only what this function
+  compiles is affected: other jits in the process are not.
 
   Args:
     fn: the function to compile. May be omitted to use as a decorator factory
@@ -96,98 +111,53 @@ def jit(fn: Callable | None = None, /, **jit_kwargs) -> Callable:
     return functools.partial(jit, **jit_kwargs)
   if not callable(fn):
     raise TypeError(f"`remat.jit` expects a callable, but got {fn!r}.")
-  backend = jit_kwargs.get("backend")
-  jit_kwargs["compiler_options"] = merge_compiler_options(jit_kwargs.get("compiler_options"), backend)
+  options = merge_compiler_options(jit_kwargs.get("compiler_options"), jit_kwargs.get("backend"))
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):  # checkpoints traced here get the options: no warning for them
-    with _compiling_with_options():
+    with compiling_with_options():
       return fn(*args, **kwargs)
 
-  return jax.jit(traced, **jit_kwargs)
+  top = jax.jit(traced, **{**jit_kwargs, "compiler_options": options})
+  # Nested, only our options go: the user's own stay, as `jax.jit` would have them.
+  nested = top if options == (jit_kwargs.get("compiler_options") or {}) else jax.jit(traced, **jit_kwargs)
+  return _Jitted(fn, top, nested)
 
 
-### XLA_FLAGS for every jit on CPU (docs/facts.md, fact 14)
+class _Jitted:
+  """What ``remat.jit`` returns: ``jax.jit``'s object with the options, and without them for nested calls.
 
-OPT_OUT_ENV = "REMAT_NO_XLA_FLAGS"
-_BARRIER_PASS = "cse_barrier_expander"
-_DISABLE = "--xla_disable_hlo_passes="
+  ``lower``, ``trace``, ``eval_shape`` and every other attribute are the
+  top-level jit's.
+  """
+
+  def __init__(self, fn: Callable, top: Callable, nested: Callable):
+    self._top, self._nested = top, nested
+    functools.update_wrapper(self, fn)
+
+  def __call__(self, *args, **kwargs):
+    if self._nested is self._top or compat.outside_traces((args, kwargs)):
+      return self._top(*args, **kwargs)
+    return self._nested(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self._top, name)
+
+
+### The one warning under a plain jit (jax < 0.11.1 on CPU)
 
 
 class CpuFlagsWarning(UserWarning):
-  """jax's CPU backend started before ``import remat``: under plain ``jax.jit`` a checkpoint saves nothing."""
+  """A checkpoint was traced for a plain ``jax.jit`` on XLA:CPU that undoes it: use ``remat.jit``."""
 
 
-# What `import remat` did to XLA_FLAGS (see `install_xla_flags`), and whether a
-# checkpoint traced on CPU should warn (once).
-_state = {"xla_flags": "not yet", "warn": False}
+_warned = {"cpu": False}
 _with_options: contextvars.ContextVar[bool] = contextvars.ContextVar("remat_with_options", default=False)
 
 
-def flags_with_barrier_pass(flags: str) -> str:
-  """``flags`` (an ``XLA_FLAGS`` value) with ``cse_barrier_expander`` added to the disabled passes.
-
-  The user's flags are kept; an existing ``--xla_disable_hlo_passes`` list
-  (the last one, which XLA uses) is extended rather than replaced.
-
-  Example:
-
-    >>> from remat._src.compile import flags_with_barrier_pass
-    >>> flags_with_barrier_pass("--xla_force_host_platform_device_count=8")
-    '--xla_force_host_platform_device_count=8 --xla_disable_hlo_passes=cse_barrier_expander'
-    >>> flags_with_barrier_pass("--xla_disable_hlo_passes=foo,bar")
-    '--xla_disable_hlo_passes=foo,bar,cse_barrier_expander'
-  """
-  tokens = flags.split()
-  at = [i for i, t in enumerate(tokens) if t.startswith(_DISABLE)]
-  if at:
-    passes = [p for p in tokens[at[-1]][len(_DISABLE):].split(",") if p]
-    if _BARRIER_PASS not in passes:
-      tokens[at[-1]] = _DISABLE + ",".join(passes + [_BARRIER_PASS])
-  else:
-    tokens.append(_DISABLE + _BARRIER_PASS)
-  return " ".join(tokens)
-
-
-def _barrier_pass_disabled(flags: str) -> bool:
-  lists = [t[len(_DISABLE):].split(",") for t in flags.split() if t.startswith(_DISABLE)]
-  return bool(lists) and _BARRIER_PASS in lists[-1]
-
-
-def install_xla_flags(environ=None) -> str:
-  """Makes every jit on CPU keep checkpoints, if not too late (``import remat`` runs this).
-
-  Adds ``--xla_disable_hlo_passes=cse_barrier_expander`` to ``XLA_FLAGS``
-  (merged with the flags already there) unless jax's CPU backend has started
-  (it reads ``XLA_FLAGS`` once, when it starts) or ``REMAT_NO_XLA_FLAGS`` is set
-  to a non-empty value other than ``0``.
-
-  Args:
-    environ: the environment to change (default ``os.environ``).
-
-  Returns:
-    What happened: ``"added"``, ``"present"`` (the flag was already there),
-    ``"opted out"`` or ``"too late"`` (the backend had started: the first
-    checkpoint traced on CPU warns).
-  """
-  environ = os.environ if environ is None else environ
-  flags = environ.get("XLA_FLAGS", "")
-  if environ.get(OPT_OUT_ENV, "") not in ("", "0"):
-    outcome = "opted out"
-  elif _barrier_pass_disabled(flags):
-    outcome = "present"
-  elif compat.backends_started():
-    outcome = "too late"
-  else:
-    environ["XLA_FLAGS"] = flags_with_barrier_pass(flags)
-    outcome = "added"
-  _state["xla_flags"] = outcome
-  _state["warn"] = outcome == "too late"
-  return outcome
-
-
 @contextlib.contextmanager
-def _compiling_with_options():
+def compiling_with_options():
+  """Marks traces made for a compile that gets :func:`compiler_options` (no warning there)."""
   token = _with_options.set(True)
   try:
     yield
@@ -195,26 +165,47 @@ def _compiling_with_options():
     _with_options.reset(token)
 
 
-def check_cpu_barriers() -> None:
-  """Warns once if a checkpoint is traced on CPU where plain ``jax.jit`` would undo it.
+def _user_disabled_barrier_pass() -> bool:
+  """Whether the user's own ``XLA_FLAGS`` disable ``cse_barrier_expander`` (their choice, fact 24)."""
+  lists = [t.split("=", 1)[1].split(",") for t in os.environ.get("XLA_FLAGS", "").split()
+           if t.startswith("--xla_disable_hlo_passes=")]
+  return bool(lists) and "cse_barrier_expander" in lists[-1]
 
-  ``remat.checkpoint`` calls this when it is traced. It warns only when
-  ``import remat`` came after jax's CPU backend started (so ``XLA_FLAGS`` could
-  not be set), the default backend is CPU, the trace is not inside
-  ``remat.jit`` (which passes the option per compile), and this jax's XLA:CPU
-  undoes remat at all (up to jax 0.11.0; from 0.11.1 it keeps the barriers:
-  docs/facts.md, fact 20).
+
+def _staged(leaves) -> bool:
+  """Whether the inputs are traced for a compile (``jit``, ``vmap``, ``scan``), not evaluated eagerly.
+
+  Eager ``jax.grad`` and ``jax.jvp`` carry concrete values, and an eager
+  checkpoint keeps only its inputs whatever XLA does: nothing to warn about.
   """
-  if not _state["warn"] or _with_options.get() or not compat.CPU_UNDOES_REMAT:
+  for x in leaves:
+    if isinstance(x, jax.core.Tracer):
+      to_concrete = getattr(x, "to_concrete_value", None)
+      if to_concrete is None or to_concrete() is None:
+        return True
+  return False
+
+
+def check_cpu_barriers(leaves=()) -> None:
+  """Warns once if a checkpoint is traced for a compile on CPU that will undo it.
+
+  ``remat.checkpoint`` calls this when it is traced. It warns only where this
+  jax's XLA:CPU undoes remat (before jax 0.11.1; docs/facts.md, fact 20), the
+  default backend is CPU, the inputs are traced for a compile, the trace is
+  not one of remat's own compiles (``remat.jit``, ``remat.profile``,
+  ``remat.fit``), and the user's ``XLA_FLAGS`` do not keep the barriers.
+  """
+  if _warned["cpu"] or _with_options.get() or not compat.CPU_UNDOES_REMAT:
     return
+  if not _staged(leaves) or _user_disabled_barrier_pass():
+    return
+  _warned["cpu"] = True
   if jax.default_backend() != "cpu":
-    _state["warn"] = False
     return
-  _state["warn"] = False
   warnings.warn(
-      "remat: jax's CPU backend started before `import remat`, so XLA:CPU will remove the "
-      "optimization barriers of `remat.checkpoint` and checkpoints save no memory under plain "
-      "`jax.jit`, `nnx.jit` or a flax training loop (docs/facts.md, fact 1). Fix: `import remat` "
-      "before anything that runs jax code, or start Python with "
-      "XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander; `remat.jit` and `remat.profile` "
-      "keep the savings either way.", CpuFlagsWarning, stacklevel=3)
+      f"remat: on jax {jax.__version__}, XLA:CPU removes the optimization barriers of a checkpoint "
+      "compiled by plain `jax.jit` (or `nnx.jit`, `nn.jit`), so the checkpoint saves no memory there "
+      "(docs/facts.md, fact 1). Compile the step with `remat.jit` (same arguments as `jax.jit`) to "
+      "keep the saving, or use jax >= 0.11.1, whose XLA:CPU keeps it by itself. Results are correct "
+      "either way. remat sets no process-wide XLA flag: one would change how every other program "
+      "compiles (docs/facts.md, fact 24).", CpuFlagsWarning, stacklevel=3)

@@ -110,7 +110,8 @@ def _dims(t) -> str:
 def compile_fn(fn: Callable, *args, **kwargs):
   """Lower and compile ``fn`` (jitted or not) with ``remat.compiler_options()``."""
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  lowered = jitted.lower(*args, **kwargs)
+  with compile_lib.compiling_with_options():  # checkpoints traced here get the options: no warning
+    lowered = jitted.lower(*args, **kwargs)
   backend = compat.lowered_platform(lowered)
   # Options given to ``lowered.compile`` replace the ones from jax.jit; a
   # function from ``remat.jit`` already carries them, merging is idempotent.

@@ -260,7 +260,6 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
 
   @functools.wraps(fn)
   def checkpointed(*args, **kwargs):
-    compile_lib.check_cpu_barriers()  # warns once where XLA:CPU would undo the checkpoint
     nums = _normalize_static(static_argnums, len(args), fn)
     static = {i: args[i] for i in sorted(nums)}
     for i, v in static.items():
@@ -275,6 +274,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     dyn_args = tuple(a for i, a in enumerate(args) if i not in static)
     leaves, in_tree = jax.tree_util.tree_flatten((dyn_args, kwargs))
     leaves = [_as_array(x) for x in leaves]
+    compile_lib.check_cpu_barriers(leaves)  # warns once where XLA:CPU would undo the checkpoint
     key = (len(args), tuple((i, type(v), v) for i, v in static.items()), in_tree,
            tuple(jax.typeof(x) for x in leaves), compat.trace_context())
     traced = cache.get(key)
