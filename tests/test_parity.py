@@ -257,6 +257,21 @@ def test_eager_calls_trace_once_per_input_types_and_static_values():
   h, h_calls = _counted()
   jax.grad(lambda w: h(X, w).sum())(w)
   assert len(h_calls) == 1
+  # Repeated jax.vjp calls, their vjp functions run: still the one trace (jax.checkpoint: one too).
+  k, k_calls = _counted()
+  for _ in range(3):
+    out, vjp = jax.vjp(lambda w: k(X, w), w)
+    vjp(jnp.ones_like(out))
+  assert len(k_calls) == 1
+
+
+@pytest.mark.parametrize("ckpt", [jax.checkpoint, remat.checkpoint], ids=["jax", "remat"])
+def test_linearize_evaluates_only_what_the_tangent_needs(ckpt):
+  # The linear function of sin(sin(x)) needs cos(x) and cos(sin(x)): one sin, as in jax.checkpoint.
+  y, lin = jax.linearize(ckpt(lambda x: jnp.sin(jnp.sin(x))), 0.5)
+  text = jax.jit(lin).lower(1.0).as_text()
+  assert text.count("stablehlo.sine") == 1 and text.count("stablehlo.cosine") == 2, text
+  np.testing.assert_allclose(lin(1.0), jnp.cos(jnp.sin(0.5)) * jnp.cos(0.5), rtol=1e-6)
 
 
 def test_trace_cache_keeps_no_tracers():

@@ -13,8 +13,11 @@ import chex
 import jax
 import pytest
 
+import remat
 from remat._src import cli
+from remat._src import compat
 from remat._src.cli_model import from_dict
+from tests.exactness import assert_same_gradients
 
 ROOT = pathlib.Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -41,7 +44,7 @@ def _temp(compiled) -> int:
 def test_readme_has_examples_and_the_two_commands():
   assert len(BLOCKS) >= 5
   assert "experiments/tradeoff.py --quick" in README and "pytest" in README
-  assert "REMAT_NO_XLA_FLAGS=1" in README  # the opt-out is documented
+  assert "REMAT_NO_XLA_FLAGS" not in README and "import remat` changes nothing" in README  # fact 24
   assert len(PLAN_COMMANDS) >= 3
 
 
@@ -57,21 +60,30 @@ def test_flax_example_gradients_match_the_plain_model_and_save_memory():
   key = jax.random.key(1)
   # Same parameter tree, and the recomputation draws the same dropout masks: equal gradients.
   assert jax.tree.structure(ns["params"]) == jax.tree.structure(plain["params"])
-  want = jax.jit(jax.grad(plain["loss"]))(ns["params"], key)
-  chex.assert_trees_all_equal(ns["grads"], want)  # bit for bit, as the text says
-  # Under plain jax.jit, as the example compiles it (the text: 11.3 MiB against 22.0 MiB).
-  ck = _temp(jax.jit(jax.grad(ns["loss"])).lower(ns["params"], key).compile())
+  want = remat.jit(jax.grad(plain["loss"]))(ns["params"], key)
+  assert_same_gradients(ns["grads"], want)  # bit for bit on jax 0.10, as the text says
+  # Under remat.jit, as the example compiles it (the text: 11.3 MiB against 22.0 MiB) ...
   pl = _temp(jax.jit(jax.grad(plain["loss"])).lower(plain["params"], key).compile())
+  ck = _temp(remat.jit(jax.grad(ns["loss"])).lower(ns["params"], key).compile())
   assert ck <= 0.6 * pl, (ck, pl)
+  # ... and under plain jax.jit as the table of "On CPU" says for the installed jax.
+  ck_plain_jit = _temp(jax.jit(jax.grad(ns["loss"])).lower(ns["params"], key).compile())
+  if compat.CPU_UNDOES_REMAT:
+    assert ck_plain_jit >= 0.9 * pl, (ck_plain_jit, pl)
+  else:
+    assert ck_plain_jit <= 0.6 * pl, (ck_plain_jit, pl)
 
 
-def test_nnx_example_saves_memory_under_plain_nnx_jit():
+def test_nnx_examples_save_memory_where_the_text_says():
   src = _block("@nnx.jit")
   ns = _run(src)
   plain = _run(src.replace("  @remat.nnx.checkpoint  # like nnx.remat\n", ""))
   assert "remat.nnx.checkpoint" not in plain["Block"].__call__.__qualname__
   temp = lambda n: _temp(n["train_step"].lower(n["model"], n["optimizer"], n["x"]).compile())  # noqa: E731
-  assert temp(ns) <= 0.6 * temp(plain), (temp(ns), temp(plain))  # the text: 11.0 MiB against 21.8 MiB
+  if compat.CPU_UNDOES_REMAT:  # nnx.jit takes no options: XLA:CPU undoes the checkpoint (fact 1)
+    assert temp(ns) >= 0.9 * temp(plain), (temp(ns), temp(plain))
+  else:  # the text: 11.0 MiB against 21.8 MiB
+    assert temp(ns) <= 0.6 * temp(plain), (temp(ns), temp(plain))
 
 
 def test_planner_example_fits_its_budget():

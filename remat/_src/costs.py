@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from remat._src import compile as compile_lib
 from remat._src import policies as policies_lib
 from remat._src import profile as profile_lib
 from remat._src import rng as rng_lib
@@ -99,7 +100,11 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
     raise ValueError(
         f"`remat.segmenters.measure_costs` got {len(layers)} layers but {len(params)} parameter "
         "entries; pass one parameter pytree per layer (an empty tuple for parameterless layers).")
-  callers = layer_callers(layers)
+  with compile_lib.compiling_with_options():  # measuring traces and compiles are remat's own
+    return _measure_costs(layer_callers(layers), params, x, key, policies)
+
+
+def _measure_costs(callers, params, x, key, policies) -> tuple[LayerCost, ...]:
   x_spec, key_spec = specs.spec(x), specs.spec(key)
   out = []
   for f, p in zip(callers, params, strict=True):

@@ -267,8 +267,13 @@ def _name(f) -> str:
 
 
 def _has_module(x) -> bool:
-  return any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree_util.tree_leaves(
-      x, is_leaf=lambda y: isinstance(y, (nnx.Module, nnx.Variable))))
+  """Whether ``x`` holds NNX graph state: a Module, an ``nnx.Rngs`` (any ``nnx.Pytree``), a Variable."""
+  graph = (nnx.Pytree, nnx.Variable)
+  return any(isinstance(leaf, graph) for leaf in jax.tree_util.tree_leaves(
+      x, is_leaf=lambda y: isinstance(y, graph)))
+
+
+holds_graph_state = _has_module
 
 
 def _describe(x) -> str:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from remat._src import adapter_util
 from remat._src import execute
+from remat._src import nnx as nnx_lib
 from remat._src import scanned
 from remat._src import segmenters as seg_lib
 from remat._src import specs
@@ -208,28 +209,54 @@ def _run(f, segmenter, blocks, x, args, kwargs, *, plan_only: bool, api: str):
                     f"as its first argument, but got {blocks!r}.")
   graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
   n = _depth(params, rest, api)
+  # Call arguments that hold graph state (an `nnx.Rngs` drawn from at call time, a module) are
+  # shared by every layer: their state is carried through the scan with `x` (as `nnx.Carry`
+  # would carry it), rebuilt in each layer and written back after the call.
+  graph_at = [i for i, a in enumerate(args) if nnx_lib.holds_graph_state(a)]
+  graph_kw = [k for k, v in kwargs.items() if nnx_lib.holds_graph_state(v)]
+  nodes = [args[i] for i in graph_at] + [kwargs[k] for k in graph_kw]
+  splits = [nnx.split(node) for node in nodes]
+  graph_defs = [gd for gd, _ in splits]
 
-  def layer(p, x, r):
+  def layer(p, carry, r):
     block = nnx.merge(graphdef, p, r)
-    y = f(block, x, *args, **kwargs)
-    return y, nnx.split(block, nnx.Param, ...)[2]
+    if not nodes:
+      y = f(block, carry, *args, **kwargs)
+      return y, nnx.split(block, nnx.Param, ...)[2]
+    x, states = carry
+    fresh = [nnx.merge(gd, st, copy=True) for gd, st in zip(graph_defs, states, strict=True)]
+    a, kw = list(args), dict(kwargs)
+    for i, node in zip(graph_at + graph_kw, fresh, strict=True):
+      if isinstance(i, int):
+        a[i] = node
+      else:
+        kw[i] = node
+    y = f(block, x, *a, **kw)
+    return (y, [nnx.split(node)[1] for node in fresh]), nnx.split(block, nnx.Param, ...)[2]
 
+  x_in = (x, [st for _, st in splits]) if nodes else x
   needs_costs = segmenter is not None and not isinstance(segmenter, Plan) and segmenter.needs_costs
-  if needs_costs and adapter_util.has_array((args, kwargs)):
+  plain_args = ([a for i, a in enumerate(args) if i not in graph_at],
+                {k: v for k, v in kwargs.items() if k not in graph_kw})
+  if needs_costs and adapter_util.has_array(plain_args):
     raise NotImplementedError(
         f"{api}: `{segmenter!r}` measures one block in a compile of its own, which cannot see array "
         "arguments besides `x`; make them module attributes, or use a uniform segmenter.")
   one = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)  # noqa: E731
   plan = scanned.plan_stack(
       segmenter, n, api=api, layer=(lambda pr, x, k: layer(pr[0], x, pr[1])[0]) if needs_costs else None,
-      p_spec=one((params, rest)), x_spec=specs.spec(x), k_spec=None)
+      p_spec=one((params, rest)), x_spec=specs.spec(x_in), k_spec=None)
   if plan_only:
     return plan
   if not plan.scanned:
     raise scanned.NotScannableError(plan.reason)
-  y, new_rest = execute.scan_levels(layer, list(plan.levels), params, x, rest, outputs=True,
+  y, new_rest = execute.scan_levels(layer, list(plan.levels), params, x_in, rest, outputs=True,
                                     policy=execute.layer_policy(plan.plan))
   nnx.update(blocks, new_rest)
+  if nodes:
+    y, states = y
+    for node, st in zip(nodes, states, strict=True):
+      nnx.update(node, st)
   return y
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 from remat._src import execute
@@ -41,7 +42,8 @@ class Sequential(nnx.Sequential):
   Example:
 
     >>> import jax.numpy as jnp, remat
-    >>> from flax import nnx
+    >>> import jax
+from flax import nnx
     >>> rngs = nnx.Rngs(0)
     >>> model = remat.nnx.Sequential(*[nnx.Linear(8, 8, rngs=rngs) for _ in range(6)],
     ...                              segmenter=remat.segmenters.revolve(2))
@@ -76,22 +78,66 @@ class Sequential(nnx.Sequential):
       return seg
     if not seg.needs_costs:
       return seg.plan(len(self.layers))
+    # Measuring traces the layers in compiles of its own: graph state passed at call time (an
+    # `nnx.Rngs`) is rebuilt inside each trace from a snapshot, so measuring never advances the
+    # caller's counters (nor mutates state across trace levels).
+    args, kwargs = _snapshots(args), _snapshots(kwargs)
+    call = lambda layer, x: layer(x, *_rebuilt(args), **_rebuilt(kwargs))  # noqa: E731
     fns, states = [], []
     for layer in self.layers:  # pure functions of the layers' state, for measuring
       if isinstance(layer, nnx.Module):
         gd, st = nnx.split(layer)
         states.append(st)
-        fns.append(lambda s, x, key, gd=gd: nnx.merge(gd, s)(x, *args, **kwargs))
+        fns.append(lambda s, x, key, gd=gd: call(nnx.merge(gd, s), x))
       else:
         states.append(())
-        fns.append(lambda s, x, key, f=layer: f(x, *args, **kwargs))
+        fns.append(lambda s, x, key, f=layer: call(f, x))
     return seq_lib.chain_plan(fns, seg, states, x, None)
 
   def __call__(self, x, *args, **kwargs):
     plan = self.plan_for(x, *args, **kwargs)
-    run_layer = lambda i, layer, x: layer(x, *args, **kwargs)  # noqa: E731
+    # Call arguments that hold graph state (an `nnx.Rngs` drawn from at call time, a module, a
+    # Variable) are arguments of every checkpointed segment, as the layers are: state changed
+    # inside a checkpoint must enter it as an argument to be written back. The others (arrays,
+    # flags) stay in the closure, where `remat.checkpoint` hoists traced values.
+    graph_at = [("arg", i) for i, a in enumerate(args) if nnx_lib.holds_graph_state(a)]
+    graph_at += [("kw", k) for k, v in kwargs.items() if nnx_lib.holds_graph_state(v)]
+
+    def run_layer(i, item, x):
+      layer, graph_values = item
+      a, kw = list(args), dict(kwargs)
+      for (kind, at), v in zip(graph_at, graph_values, strict=True):
+        if kind == "arg":
+          a[at] = v
+        else:
+          kw[at] = v
+      return layer(x, *a, **kw)
+
+    graph_values = tuple(args[at] if kind == "arg" else kwargs[at] for kind, at in graph_at)
     run = execute.build(plan.root, run_layer, _checkpoint_segment)
-    return run(list(self.layers), x)
+    return run([(layer, graph_values) for layer in self.layers], x)
+
+
+class _Snapshot:
+  """Graph state (a module, an ``nnx.Rngs``, a Variable) split once, merged anew where it is used."""
+
+  def __init__(self, node):
+    self.graphdef, self.state = nnx.split(node)
+
+  def rebuild(self):
+    return nnx.merge(self.graphdef, self.state, copy=True)  # new Variables, at the current trace level
+
+
+_is_graph = lambda x: isinstance(x, (nnx.Pytree, nnx.Variable))  # noqa: E731
+
+
+def _snapshots(tree):
+  return jax.tree.map(lambda v: _Snapshot(v) if _is_graph(v) else v, tree, is_leaf=_is_graph)
+
+
+def _rebuilt(tree):
+  is_snap = lambda v: isinstance(v, _Snapshot)  # noqa: E731
+  return jax.tree.map(lambda v: v.rebuild() if is_snap(v) else v, tree, is_leaf=is_snap)
 
 
 def _checkpoint_segment(fn, offload: bool, policy: str | None = None):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.extend.core import Primitive
+from jax.extend.core import Literal, Primitive
 from jax.interpreters import ad, batching, mlir
 
 
@@ -69,6 +69,33 @@ class TangentMap:
     out = jax.eval_shape(forward, list(res), list(tangents))
     return TangentMap(num_res=self.num_res, forward=forward, backward=backward,
                       out_avals=[jax.typeof(o) for o in out], name=self.name)
+
+
+def jvp_tangents(fn: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> list[Any]:
+  """The output tangents of ``jax.jvp(fn, primals, tangents)``, without the work they do not need.
+
+  ``jax.jvp`` also computes the primal outputs. Staged under ``jit`` XLA drops
+  what nothing uses, but the linear function of an eager ``jax.linearize``
+  runs equation by equation: a checkpointed ``sin(sin(x))`` would evaluate
+  ``sin`` twice where ``jax.checkpoint``'s linearization evaluates it once.
+  So the jvp is traced, the equations that feed no tangent are dropped, and
+  the rest is evaluated.
+  """
+  primals, tangents = list(primals), list(tangents)
+  closed = jax.make_jaxpr(lambda p, t: jax.jvp(fn, p, t)[1])(primals, tangents)
+  jaxpr = _without_dead_equations(closed.jaxpr)
+  return jax.core.eval_jaxpr(jaxpr, closed.consts, *jax.tree_util.tree_leaves((primals, tangents)))
+
+
+def _without_dead_equations(jaxpr):
+  """``jaxpr`` less the top-level equations whose outputs nothing reads (effects are kept)."""
+  live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(v for v in eqn.invars if not isinstance(v, Literal))
+  return jaxpr.replace(eqns=kept[::-1])
 
 
 def tangent_call(tmap: TangentMap, res: Sequence[Any], tangents: Sequence[Any]) -> list[Any]:

@@ -506,7 +506,7 @@ def _build_call(converted, *, policy, offload, prevent_cse, check_determinism, n
     if offload is not None:
       res = offload.to_device(res)
     if policy is None:
-      return jax.jvp(converted, list(res), in_tangents)[1]
+      return tangent_lib.jvp_tangents(converted, res, in_tangents)
     # The residuals of a policy are a backward pass: its transpose is the forward map.
     lin = jax.linear_transpose(lambda *ct: list(res(list(ct))), *out_avals)
     return lin(list(in_tangents))
