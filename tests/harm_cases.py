@@ -17,7 +17,6 @@ prints one JSON line: for each way of running, the case's outputs flattened to l
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 

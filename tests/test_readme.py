@@ -9,7 +9,6 @@ import pathlib
 import re
 import shlex
 
-import chex
 import jax
 import pytest
 

@@ -32,7 +32,8 @@ from remat._src import compat
 # elemental IR emission: opt-barrier"). Such loops then run as the thunk loops that larger ones
 # are anyway. From jax 0.11.1 XLA:CPU keeps the barriers by itself: no option at all.
 _BARRIER_PASSES = ("cse_barrier_expander", "small-while-loop-hoisting")
-_NEEDS_OPTIONS = {"cpu": {"xla_disable_hlo_passes": ",".join(_BARRIER_PASSES)}} if compat.CPU_UNDOES_REMAT else {}
+_NEEDS_OPTIONS = ({"cpu": {"xla_disable_hlo_passes": ",".join(_BARRIER_PASSES)}}
+                  if compat.CPU_UNDOES_REMAT else {})
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any]:
