@@ -2,7 +2,7 @@
 
 from remat import linen, nnx, offload, rng, segmenters
 from remat._src.compile import CpuFlagsWarning, compiler_options, jit
-from remat._src.fit import FitReport, Fitted, fit
+from remat._src.fit import FitReport, Fitted, FitWarning, fit
 from remat._src.plan import Plan
 from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.sequential import sequential
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CpuFlagsWarning",
     "FitReport",
+    "FitWarning",
     "Fitted",
     "Plan",
     "Profile",

@@ -439,3 +439,48 @@ def test_fit_errors_are_one_line(capsys):
   rc = cli.main(["fit", "--model", "mlp", "--depth", "4", "--width", "32", "--batch", "64", "--memory", "1kB",
                  "--no-search", "--no-progress"])
   assert rc == 1 and "does not fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,where", [(["--bogus"], "with no command"),
+                                        (["--bogus", "plan"], "before the command 'plan'")])
+def test_an_unknown_flag_before_the_command_is_named(argv, where, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and f"unrecognized argument '--bogus' {where}" in err and "plan,fit" in err
+
+
+BATCHNORM_MODEL = '''
+import jax, jax.numpy as jnp, flax.linen as nn
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.BatchNorm(use_running_average=not train)(nn.Dense(x.shape[-1])(x))
+    return x + jnp.tanh(h)
+
+class Sows(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not self.is_initializing():
+      self.put_variable("stats", "h", x)  # a collection that initialisation does not make
+    return jnp.tanh(nn.Dense(x.shape[-1])(x))
+
+def model(depth: int = 4, batch: int = 8, width: int = 32):
+  return {"module": [Block() for _ in range(depth)],
+          "x": jax.ShapeDtypeStruct((batch, width), jnp.float32), "args": (True,)}
+
+def sows():
+  return {"module": [Sows() for _ in range(2)], "x": jax.ShapeDtypeStruct((8, 32), jnp.float32),
+          "args": (True,)}
+'''
+
+
+def test_plan_a_batchnorm_model_in_training_mode(tmp_path, capsys):
+  # BatchNorm updates `batch_stats` in training: the chain is measured with it mutable.
+  path = tmp_path / "bn.py"
+  path.write_text(BATCHNORM_MODEL)
+  assert cli.main(["plan", "--model", f"{path}:model", "--segmenter", "every:2", "--no-progress"]) == 0
+  assert "compiled temp" in capsys.readouterr().out
+  assert cli.main(["plan", "--model", f"{path}:sows", "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "ModifyScopeVariableError" in err and "create it in `init` too" in err and "\n" not in err.strip()

@@ -162,18 +162,51 @@ def test_fit_plans_flax_sequentials_and_shares_memory_between_chains():
 
 
 def test_fit_names_the_smallest_peak_and_what_it_holds():
-  fitted = remat.fit(sgd_step(S.auto()), 100_000, donate_argnums=0)
+  # Above what arguments and outputs hold (1.25 MiB, parameters donated), below the smallest peak.
+  fitted = remat.fit(sgd_step(S.auto()), 1_400_000, donate_argnums=0)
   with pytest.raises(ValueError) as e:
     fitted.plans(*args())
   msg = str(e.value)
-  assert "`remat.fit`: the step does not fit 97.66 KiB (100,000 bytes) per device" in msg
+  assert "`remat.fit`: the step does not fit 1.34 MiB (1,400,000 bytes) per device" in msg
   assert "smallest-memory plan" in msg and "arguments" in msg and "temporaries" in msg
-  assert "donate" in msg and "raise `memory`" in msg
+  assert "raise `memory`" in msg
+  assert "donate what the step replaces (`donate_argnums`: 1 argument array(s)" in msg  # x is not
+
+
+def test_fit_refuses_after_one_lowering_when_arguments_alone_exceed_the_memory(monkeypatch):
+  compiled = []
+  no_compile = lambda *a, **k: compiled.append(a) or pytest.fail("compiled")  # noqa: E731
+  monkeypatch.setattr(remat.Fitted, "_profile", no_compile)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
+  ws, x = args()
+  every_arg = remat.fit(lambda ws, x: sgd_step(S.auto())(ws, x), 100_000, donate_argnums=(0, 1))
+  with pytest.raises(ValueError) as e:
+    every_arg.plans(ws, x)
+  msg = str(e.value)
+  assert "cannot fit 97.66 KiB (100,000 bytes) per device" in msg and "without compiling" in msg
+  assert "recomputation cannot lower that" in msg and "raise `memory`" in msg
+  assert "donate" not in msg.split("without compiling")[1]  # everything is donated already: not advised
+  some = remat.fit(sgd_step(S.auto()), 100_000, donate_argnums=0)
+  with pytest.raises(ValueError, match=r"`donate_argnums`: 1 argument array\(s\) are not donated"):
+    some.plans(ws, x)
+  assert compiled == []
+
+
+def test_fit_warns_when_the_step_has_no_auto_chain():
+  every2 = remat.fit(sgd_step(S.every(2)), "1GiB", donate_argnums=0)
+  with pytest.warns(remat.FitWarning, match=r"no chain built with `remat.segmenters.auto\(\)`"):
+    report = every2.plans(*args())
+  assert report.fits and report.plans == ()
+
+
+def test_fit_takes_memory_as_a_float():
+  assert remat.fit(sgd_step(S.auto()), 1.5e9).memory == 1_500_000_000
+  assert remat.fit(sgd_step(S.auto()), 2.0**30).memory == 2**30
 
 
 def test_fit_argument_errors():
   step = sgd_step(S.auto())
-  for bad in (0, -5, "lots", "12 parsecs", True, None):
+  for bad in (0, -5, "lots", "12 parsecs", True, None, 0.5, float("nan"), float("inf"), -1e9):
     with pytest.raises(ValueError, match=r"the `memory` argument to `remat.fit`"):
       remat.fit(step, bad)
   assert remat.fit(step, "1.5GiB").memory == int(1.5 * 2**30)
@@ -184,9 +217,11 @@ def test_fit_argument_errors():
     remat.fit(step, "1GiB", max_compiles=1)
   with pytest.raises(ValueError, match=r"chains are planned by `remat.fit`.*budget\(max_bytes\)"):
     remat.jit(step)(*args())
-  no_chain = remat.fit(lambda x: jnp.tanh(x @ x.T), 1000)
+  # Arguments and outputs (16 KiB) fit, the sort's 16 KiB temporary does not.
+  no_chain = remat.fit(lambda x: jnp.sort(jnp.tanh(x @ x.T), axis=0).sum(), 20_000)
   with pytest.raises(ValueError, match=r"no `remat.segmenters.auto\(\)` chain to plan"):
-    no_chain.plans(jnp.ones((64, 64)))
+    with pytest.warns(remat.FitWarning):
+      no_chain.plans(jnp.ones((64, 64)))
 
 
 # -- per device, on meshes of 8 host devices ------------------------------------------------

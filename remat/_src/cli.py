@@ -298,7 +298,7 @@ def cmd_plan(args, ap: argparse.ArgumentParser) -> int:
   print(f"\n{model.description} on {jax.default_backend()}; one activation (the chain's input) = "
         f"{format_bytes(act)}\n")
   print(f"Plan {label}, {plan.num_layers} layers: {plan.forward_evaluations} layer forward evaluations "
-        f"({plan.recomputed_evaluations} recomputed), {plan.stored_states} stored states")
+        f"({plan.recomputation()}), {plan.stored_states} stored states")
   print("\n".join(plan.root.lines(1)))
   print()
   rows = [["plain backprop", size(plain.temp_bytes), size(plain_plan.predicted_peak_bytes),
@@ -382,6 +382,15 @@ def main(argv=None) -> int:
     return cmd_compare(_join_dash_values(argv[1:]))
   argv = _join_dash_values(argv)
   ap = build_parser()
+  commands = ("plan", "fit", "compare")
+  if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    # argparse would only say that the command is missing; name the flag and the commands.
+    first = next((a for a in argv if a in commands), None)
+    where = f"before the command {first!r}" if first else "with no command"
+    sys.stderr.write(f"remat: error: unrecognized argument {argv[0]!r} {where}. Usage: remat "
+                     f"{{{','.join(commands)}}} [options]; `remat COMMAND --help` lists a command's "
+                     "options.\n")
+    return 2
   try:
     args = ap.parse_args(argv)
   except SystemExit as e:

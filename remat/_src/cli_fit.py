@@ -113,8 +113,8 @@ def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     print(f"does not fit: {failure}")
   else:
     plan, p, q = report.plans[0], report.profile, report.plain_profile
-    print(f"Plan: {plan.forward_evaluations} layer forward evaluations ({plan.recomputed_evaluations} "
-          f"recomputed), chosen in {report.compiles} compile(s) of the step")
+    print(f"Plan: {plan.forward_evaluations} layer forward evaluations ({plan.recomputation()}), "
+          f"chosen in {report.compiles} compile(s) of the step")
     print("\n".join(plan.root.lines(1)))
     print()
     rows = [[name, format_bytes(r.peak_bytes), format_bytes(r.temp_bytes), f"{r.flops / 1e9:,.3f}",

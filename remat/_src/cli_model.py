@@ -324,8 +324,14 @@ def _linen_chain(layers, spec, x, args, kwargs, name) -> ChainModel:
     if isinstance(layer, nn.Module):
       unbound = layer.clone(parent=None)
       per_layer.append({c: v[sub] for c, v in variables.items() if isinstance(v, dict) and sub in v})
+      # Collections a block updates in training (BatchNorm's `batch_stats`) are mutable while
+      # measuring and planning, as in a training step's `apply(..., mutable=[...])`; the updates
+      # are computed (and cost what they cost) but not kept.
+      mutable = tuple(c for c in per_layer[-1] if c != "params")
 
-      def fn(v, x, key, unbound=unbound):
+      def fn(v, x, key, unbound=unbound, mutable=mutable):
+        if mutable:
+          return unbound.apply(v, x, *args, rngs=key, mutable=list(mutable), **kwargs)[0]
         return unbound.apply(v, x, *args, rngs=key, **kwargs)
     else:
       per_layer.append(())
@@ -359,8 +365,13 @@ def _check_runs(model: ChainModel) -> None:
   try:
     jax.eval_shape(model.run(), *model.specs())
   except Exception as e:  # noqa: BLE001 - the user's model: report it in one line
+    hint = ""
+    if type(e).__name__ == "ModifyScopeVariableError":
+      hint = (" A block writes a variable collection that its initialisation did not create (for "
+              "example `self.sow` or a collection made only in training): create it in `init` too, "
+              "or give the 'variables' key with every collection the blocks update.")
     raise ModelError(f"running the chain on 'x' {_shape(model.x)} raised {type(e).__name__}: "
-                     f"{_first_line(e)}") from None
+                     f"{_first_line(e)}{hint}") from None
 
 
 def _shape(x) -> str:

@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from remat._src import budget as budget_lib
 from remat._src import compile as compile_lib
 from remat._src import segmenters as seg_lib
+from remat._src import specs
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, make_plan
 from remat._src.profile import Profile
 from remat._src.units import format_bytes, parse_bytes
@@ -86,7 +88,8 @@ def fit(step: Callable, memory: int | str, *, max_compiles: int = 12, **jit_kwar
     step: the training step (a Python function, not yet jitted). Chains in it
       built with ``remat.segmenters.auto()`` are planned; everything else
       (parameters, optimizer state, the batch, other layers) counts as it is.
-    memory: bytes per device, an int or a string such as ``"16GiB"`` or ``"80GB"``.
+    memory: bytes per device: an int, a float (``1.5e9``) or a string such as
+      ``"16GiB"`` or ``"80GB"``.
     max_compiles: how many compiles of the whole step the search may use (at least 2).
     **jit_kwargs: passed to ``jax.jit`` (``donate_argnums``, ``in_shardings``,
       ``static_argnums`` ...); the compiler options of ``remat.jit`` are added.
@@ -99,7 +102,12 @@ def fit(step: Callable, memory: int | str, *, max_compiles: int = 12, **jit_kwar
   Raises:
     TypeError: if ``step`` is not callable or is already jitted.
     ValueError: if ``memory`` or ``max_compiles`` is not valid; when called,
-      if nothing fits (the message gives the smallest peak and what it holds).
+      if nothing fits (the message gives the smallest peak and what it holds;
+      a step whose arguments and outputs alone exceed ``memory`` is refused
+      after one lowering, without compiling).
+
+  Warns:
+    FitWarning: when the step calls no ``auto()`` chain (nothing to plan).
 
   Example:
 
@@ -160,6 +168,10 @@ class FitReport:
     return "\n".join(lines)
 
 
+class FitWarning(UserWarning):
+  """``remat.fit`` found nothing to plan: the step calls no ``remat.segmenters.auto()`` chain."""
+
+
 class Fitted:
   """A training step jitted by :func:`fit`: call it, ``.lower`` it, or ask for its ``.plans``."""
 
@@ -208,10 +220,14 @@ class Fitted:
       self._jits[plans] = compile_lib.jit(run, **self._jit_kwargs)
     return self._jits[plans]
 
-  def _profile(self, plans, args, kwargs) -> tuple[Profile, _Session]:
+  def _lower(self, plans, args, kwargs):
+    """The lowered step under ``plans`` and the session its trace recorded (``None`` if cached)."""
     self._last_session = None
-    compiled = self._jit(plans).lower(*args, **kwargs).compile()
-    return Profile.from_compiled(compiled), self._last_session
+    return self._jit(plans).lower(*args, **kwargs), self._last_session
+
+  def _profile(self, plans, args, kwargs) -> tuple[Profile, _Session]:
+    lowered, session = self._lower(plans, args, kwargs)
+    return Profile.from_compiled(lowered.compile()), session
 
 
 ### Implementation
@@ -253,16 +269,28 @@ class _Search:
     self.f, self.args, self.kwargs = fitted, args, kwargs
     self.memory = fitted.memory
     self.compiles = 0
+    self.undonated: int | None = None
 
   def compile(self, plans):
     self.compiles += 1
     return self.f._profile(plans, self.args, self.kwargs)
 
   def run(self) -> FitReport:
-    plain, session = self.compile(None)
+    lowered, session = self.f._lower(None, self.args, self.kwargs)
+    self.refuse_if_arguments_alone_exceed(lowered)
+    self.compiles += 1
+    plain = Profile.from_compiled(lowered.compile())
     chains = session.records if session is not None else []
     plain_plans = tuple(make_plan(Segment(0, len(c.costs)), c.costs, len(c.costs), "auto: plain")
                         for c in chains)
+    if not chains:
+      warnings.warn(
+          f"{_API}: the step calls no chain built with `remat.segmenters.auto()`, so there is nothing "
+          "to plan: it is compiled as it is (blocks checkpointed with `remat.linen.checkpoint` or a "
+          "fixed segmenter keep their own plans). To let remat.fit choose, build the chain with "
+          "`remat.sequential(layers, remat.segmenters.auto())` or `remat.linen.Sequential(blocks, "
+          "segmenter=remat.segmenters.auto())` (`remat.nnx.Sequential` likewise).",
+          FitWarning, stacklevel=4)
     if plain.peak_bytes <= self.memory:
       return self.report(plain_plans, plain, plain)
     if not chains:
@@ -383,9 +411,43 @@ class _Search:
         f"{_fmt(prof.peak_bytes)} ({what}): arguments {_fmt(prof.argument_bytes)} (parameters, "
         f"optimizer state, batch) + outputs {_fmt(prof.output_bytes)} - donated "
         f"{_fmt(prof.alias_bytes)} = {_fmt(fixed)} held for the whole step, and temporaries "
-        f"{_fmt(prof.temp_bytes)} (activations, gradients, working memory). Lower the batch or the "
-        "sequence length, shard the step over more devices, donate what the step replaces "
-        "(`donate_argnums`), or raise `memory`.")
+        f"{_fmt(prof.temp_bytes)} (activations, gradients, working memory). {self.advice()}")
+
+  def advice(self) -> str:
+    """What could make the step fit: donation only where some argument is not donated yet."""
+    steps = ["Lower the batch or the sequence length", "shard the step over more devices"]
+    if self.undonated:
+      steps.append(f"donate what the step replaces (`donate_argnums`: {self.undonated} argument "
+                   "array(s) are not donated)")
+    return ", ".join(steps) + ", or raise `memory`."
+
+  def refuse_if_arguments_alone_exceed(self, lowered) -> None:
+    """One lowering, no compile: refuses a step whose arguments and outputs alone exceed the memory.
+
+    Arguments and outputs live for the whole step whatever is recomputed; at
+    best XLA aliases a donated argument with an output. So arguments +
+    outputs - donated arguments (per device: unknown layouts are counted as
+    spread over every device) is a lower bound of the peak, and above
+    ``memory`` no plan can help.
+    """
+    leaves = [x for x in jax.tree_util.tree_leaves((self.args, self.kwargs)) if hasattr(x, "shape")]
+    infos = jax.tree_util.tree_leaves(getattr(lowered, "args_info", None))
+    donated = [bool(getattr(i, "donated", False)) for i in infos]
+    if len(donated) != len(leaves):  # static arguments or an unfamiliar jax: no early answer
+      self.undonated = None
+      return
+    self.undonated = sum(not d for d in donated)
+    args_bytes = sum(_lower_bound_bytes(x) for x in leaves)
+    donated_bytes = sum(_upper_bound_bytes(x) for x, d in zip(leaves, donated, strict=True) if d)
+    out_bytes = sum(_lower_bound_bytes(x) for x in jax.tree_util.tree_leaves(lowered.out_info))
+    fixed = args_bytes + out_bytes - donated_bytes
+    if fixed > self.memory:
+      raise ValueError(
+          f"{_API}: the step cannot fit {_fmt(self.memory)} per device: its arguments "
+          f"({_fmt(args_bytes)}: parameters, optimizer state, batch) and outputs ({_fmt(out_bytes)}), "
+          f"less what donation can reuse ({_fmt(donated_bytes)}), already hold {_fmt(fixed)} for the "
+          "whole step, before any activation; recomputation cannot lower that (found by lowering "
+          f"the step once, without compiling). {self.advice()}")
 
 
 def _joint_plans(dps, chains, avail: float, m_max: int = 2048) -> tuple[Plan, ...] | None:
@@ -446,18 +508,32 @@ def _signature(args, kwargs) -> Any:
   return treedef, tuple(key)
 
 
-def parse_memory(memory: int | str) -> int:
-  """Bytes from an int or a string such as ``"16GiB"``, ``"80GB"``, ``"1.5e9"``."""
+def _lower_bound_bytes(x) -> float:
+  """Per-device bytes of ``x``; an unknown layout counts as spread evenly over every device."""
+  known = isinstance(getattr(x, "sharding", None),
+                     (jax.sharding.NamedSharding, jax.sharding.SingleDeviceSharding))
+  return specs.device_bytes(x) / (1 if known else jax.device_count())
+
+
+def _upper_bound_bytes(x) -> float:
+  """Per-device bytes of ``x``; an unknown layout counts as whole on each device."""
+  return specs.device_bytes(x)
+
+
+def parse_memory(memory: int | float | str) -> int:
+  """Bytes from an int, a float (``1.5e9``) or a string such as ``"16GiB"``, ``"80GB"``, ``"1.5e9"``."""
   if isinstance(memory, (int, np.integer)) and not isinstance(memory, bool) and memory > 0:
     return int(memory)
+  if isinstance(memory, (float, np.floating)) and math.isfinite(memory) and memory >= 1:
+    return int(round(float(memory)))
   if isinstance(memory, str):
     try:
       return parse_bytes(memory)
     except ValueError:
       pass
   raise ValueError(
-      f"the `memory` argument to {_API} must be a positive number of bytes per device, as an int or "
-      f"a string such as '16GiB', '80GB' or '1.5e9', but got {memory!r}.")
+      f"the `memory` argument to {_API} must be a positive number of bytes per device, as an int, a "
+      f"float such as 1.5e9, or a string such as '16GiB', '80GB' or '1.5e9', but got {memory!r}.")
 
 
 def _fmt(b: float) -> str:

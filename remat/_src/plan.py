@@ -216,12 +216,33 @@ class Plan:
 
   @property
   def recomputed_evaluations(self) -> int:
-    """Forward evaluations beyond the ``num_layers`` of plain backprop."""
+    """Forward evaluations beyond the ``num_layers`` of plain backprop (whole layers)."""
     return self.forward_evaluations - self.num_layers
+
+  @property
+  def policy_layers(self) -> int:
+    """Layers taped under a recomputation policy: each recomputes part of its forward pass
+    (what the policy does not save) in the backward pass, beyond ``recomputed_evaluations``."""
+    return sum(p is not None for p in self.layer_policies)
+
+  def recomputation(self) -> str:
+    """What the plan recomputes, in words: whole layers, and layers partly under a policy.
+
+    Example:
+
+      >>> import remat
+      >>> remat.segmenters.every(2).plan(4).recomputation()
+      '4 recomputed'
+    """
+    text = f"{self.recomputed_evaluations} recomputed"
+    if self.policy_layers:
+      text += f", {self.policy_layers} layer(s) recomputing part of their forward under a policy"
+    return text
 
   def __str__(self) -> str:
     head = (f"Plan({self.segmenter or 'custom'}, {self.num_layers} layers): "
-            f"{self.forward_evaluations} forward evaluations, {self.stored_states} stored states")
+            f"{self.forward_evaluations} forward evaluations ({self.recomputation()}), "
+            f"{self.stored_states} stored states")
     if self.predicted_peak_bytes is not None:
       head += f", predicted temp {_mib(self.predicted_peak_bytes)}"
     if self.compiled_temp_bytes is not None:
