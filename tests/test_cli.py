@@ -438,7 +438,57 @@ def test_fit_errors_are_one_line(capsys):
   assert "--memory" in capsys.readouterr().err
   rc = cli.main(["fit", "--model", "mlp", "--depth", "4", "--width", "32", "--batch", "64", "--memory", "1kB",
                  "--no-search", "--no-progress"])
-  assert rc == 1 and "does not fit" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert rc == 1 and "does not fit" in out
+  # Arguments alone exceed 1 kB: refused without compiling, and donation (which the CLI does) is not advised.
+  assert "without compiling" in out and "donate" not in out.split("without compiling")[1]
+  for bad in ("0", "-1", "soon", "inf"):
+    assert cli.main(["fit", "--model", "mlp", "--memory", "1GiB", "--max-time", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--max-time" in err and repr(bad) in err
+
+
+def test_largest_search_and_what_a_stopped_search_reports():
+  from remat._src.cli_fit import Largest
+  seen = []
+  s = Largest(lambda n: seen.append(n) or n <= 37, 4)
+  assert s.run() == 37 and s.found() == "37"
+  assert seen[:5] == [4, 8, 16, 32, 64]  # doubling, then bisection between 32 and 64
+  assert Largest(lambda n: n <= 3, 16).run() == 3
+  assert Largest(lambda n: False, 4).run() == 0
+  stopped = Largest(lambda n: n <= 37, 4)
+  for n in (4, 8, 16):
+    stopped.probe(n)
+  assert stopped.found() == ">= 16 (stopped)"
+  stopped.probe(64)
+  assert stopped.found() == ">= 16 (stopped, 64 does not)"
+
+
+@pytest.mark.parametrize("stop", ["time", "ctrl-c"])
+def test_fit_search_is_bounded_and_reports_what_it_found(stop, capsys, monkeypatch):
+  from remat._src import cli_fit
+  calls = []
+
+  def fake_fits(model, memory):  # remat.fit's probes: the user presses Ctrl-C during the first
+    calls.append(model)
+    if stop == "ctrl-c":
+      raise KeyboardInterrupt
+    return True
+
+  monkeypatch.setattr(cli_fit, "fits", fake_fits)
+  batch = lambda m: jax.tree_util.tree_leaves(m.x)[0].shape[0]  # noqa: E731
+  monkeypatch.setattr(cli_fit, "plain_peak", lambda m: 0 if batch(m) <= 100 else 2**40)
+  clock = iter(range(0, 10_000, 7))
+  monkeypatch.setattr(cli_fit, "_clock", (lambda: next(clock)) if stop == "time" else (lambda: 0.0))
+  rc = cli.main(["fit", "--model", "mlp", "--depth", "4", "--width", "32", "--batch", "64",
+                 "--memory", "1GiB",
+                 "--max-time", "30", "--no-progress"])
+  out = capsys.readouterr().out
+  assert rc == (124 if stop == "time" else 130), out
+  assert "plain backprop at batch 64: fits" in out  # each probe printed as it ends
+  assert ("--max-time 30 s reached" in out) if stop == "time" else ("interrupted" in out)
+  row = next(line for line in out.splitlines() if line.startswith("| largest batch"))
+  assert "(stopped" in row
 
 
 @pytest.mark.parametrize("argv,where", [(["--bogus"], "with no command"),

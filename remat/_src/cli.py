@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 from remat._src.units import format_bytes, parse_bytes
@@ -56,6 +57,23 @@ def positive_int(flag: str, example: str, *, zero: bool = False):
     return v
 
   parse.__name__ = "int"
+  return parse
+
+
+def positive_number(flag: str, example: str):
+  """An argparse ``type`` for a finite number > 0, with a message naming ``flag``."""
+
+  def parse(text: str) -> float:
+    try:
+      v = float(text)
+    except ValueError:
+      v = None
+    if v is None or not math.isfinite(v) or v <= 0:
+      raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, but got {text!r}; e.g. "
+                                       f"{flag} {example}.")
+    return v
+
+  parse.__name__ = "float"
   return parse
 
 
@@ -216,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="memory per device, e.g. 16GiB or 80GB (see above)")
   f.add_argument("--no-search", action="store_true",
                  help="fit the given sizes only; skip the search for the largest batch and sequence length")
+  f.add_argument("--max-time", type=positive_number("--max-time", "600"), default=600.0,
+                 help="seconds the search for the largest sizes may take (default 600); when it runs "
+                 "out, or on Ctrl-C, what was found so far is printed")
   f.add_argument("--no-progress", action="store_true", help="plain lines instead of progress lines")
 
   c = sub.add_parser("compare", help="measure the memory/compute table of every method",

@@ -10,7 +10,7 @@ length) that fits is searched, for ``remat.fit`` and for plain backprop.
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -25,6 +25,7 @@ from remat._src.cli_model import ChainModel, ModelError, load_model
 from remat._src.units import format_bytes
 
 _MAX_SEARCH = 1 << 16  # the largest batch or length the search tries
+_clock = time.monotonic  # the search's clock (tests replace it)
 
 
 def adam_step(model: ChainModel, segmenter: Any) -> Callable:
@@ -54,8 +55,11 @@ def fit_report(model: ChainModel, memory: int) -> fit_lib.FitReport:
 
 
 def fits(model: ChainModel, memory: int) -> bool:
+  """Whether any plan fits: the plain step, then the smallest-memory plans (at most 4 compiles; the
+  search for the cheapest plan that fits is left to the final report)."""
   try:
-    fit_report(model, memory)
+    fit_lib.fit(adam_step(model, fit_lib.auto()), memory, max_compiles=4, donate_argnums=(0, 1)).plans(
+        *step_args(model))
     return True
   except ValueError:
     return False
@@ -66,22 +70,56 @@ def plain_peak(model: ChainModel) -> int:
   return profile_lib.profile(step, *step_args(model)).peak_bytes
 
 
+class OutOfTime(Exception):
+  """The search's time (``--max-time``) ran out before the next probe."""
+
+
+class Largest:
+  """The largest ``n >= 1`` with ``fits(n)``: doubling from ``start``, then bisection.
+
+  ``lo`` is the largest size seen to fit (0: none yet), ``hi`` the smallest
+  seen not to fit (``None``: none yet); when the search is stopped (time,
+  Ctrl-C) they are what it has found.
+  """
+
+  def __init__(self, fits: Callable[[int], bool], start: int):
+    self.fits, self.start = fits, max(start, 1)
+    self.lo, self.hi = 0, None
+
+  def probe(self, n: int) -> bool:
+    ok = self.fits(n)
+    if ok:
+      self.lo = max(self.lo, n)
+    else:
+      self.hi = n if self.hi is None else min(self.hi, n)
+    return ok
+
+  def run(self) -> int:
+    n = self.start
+    while n <= _MAX_SEARCH and self.probe(n):
+      n *= 2
+    if self.lo == 0:
+      while n > 1 and not self.probe(n // 2):
+        n //= 2
+      if self.lo == 0:
+        return 0
+    while self.hi is not None and self.hi - self.lo > 1:
+      self.probe((self.lo + self.hi) // 2)
+    return self.lo
+
+  def found(self) -> str:
+    """What is known, for a search that was stopped."""
+    if self.hi is not None and self.hi - self.lo <= 1:
+      return str(self.lo)
+    if self.hi is None and not self.lo:
+      return "not searched (stopped)"
+    upper = f", {self.hi} does not" if self.hi is not None else ""
+    return f">= {self.lo} (stopped{upper})" if self.lo else f"none found (stopped{upper})"
+
+
 def largest(fits: Callable[[int], bool], start: int) -> int:
   """The largest ``n >= 1`` with ``fits(n)`` (0 if none): doubling from ``start``, then bisection."""
-  lo, hi = 0, max(start, 1)
-  while hi <= _MAX_SEARCH and fits(hi):
-    lo, hi = hi, hi * 2
-  if lo == 0:
-    hi = max(start, 1)
-    while hi > 1 and not fits(hi // 2):
-      hi //= 2
-    if hi == 1:
-      return 0
-    lo = hi // 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo
+  return Largest(fits, start).run()
 
 
 def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
@@ -98,7 +136,6 @@ def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
 
   memory = args.memory
   model = load()
-  log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
   bar = make_progress(1, not args.no_progress)
   bar.set_description(f"fitting to {format_bytes(memory)}")
   try:
@@ -124,33 +161,62 @@ def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
   if args.no_search:
     return 0 if report is not None else 1
   print()
+  return _search_sizes(args, model, memory, load, report is not None)
+
+
+def _search_sizes(args, model, memory, load, fitted: bool) -> int:
+  """The largest batch and sequence length that fit, plain and with remat.fit, within --max-time.
+
+  Each probe prints a line as it finishes; when the time runs out or the user
+  presses Ctrl-C, what was found so far is printed (exit status 124 or 130).
+  """
+  start_time = _clock()
+  deadline = start_time + args.max_time
+  searches: list[tuple[str, Largest, Largest]] = []
+  status = 0 if fitted else 1
+  print(f"Searching the largest sizes that fit (at most {args.max_time:g} s; Ctrl-C stops and "
+        "prints what was found):", flush=True)
+  try:
+    for flag, name in (("--batch", "batch"), ("--seq-len", "seq_len")):
+      start = getattr(args, name) or _default(model, name)
+      if start is None:
+        continue
+      try:
+        load(**{name: start})
+      except ModelError:
+        print(f"(the model does not take {flag}: no search over it)")
+        continue
+
+      def probe(label, answer, name=name):
+        def run(n):
+          if _clock() > deadline:
+            raise OutOfTime
+          ok = answer(load(**{name: n}))
+          print(f"  {label} at {name} {n}: {'fits' if ok else 'does not fit'} "
+                f"({_clock() - start_time:.0f} s)", flush=True)
+          return ok
+        return run
+
+      plain = Largest(probe("plain backprop", lambda m: plain_peak(m) <= memory), start)
+      fitted_search = Largest(probe("remat.fit", lambda m: fits(m, memory)), start)
+      searches.append((flag, plain, fitted_search))
+      fitted_search.start = max(plain.run(), 1)
+      fitted_search.run()
+  except OutOfTime:
+    print(f"(--max-time {args.max_time:g} s reached: the search stopped; raise --max-time to go on)")
+    status = 124
+  except KeyboardInterrupt:
+    print("(interrupted: what the search found so far)")
+    status = 130
   rows = []
-  for flag, name in (("--batch", "batch"), ("--seq-len", "seq_len")):
-    start = getattr(args, name) or _default(model, name)
-    if start is None:
-      continue
-    try:
-      load(**{name: start})
-    except ModelError:
-      print(f"(the model does not take {flag}: no search over it)")
-      continue
-
-    def fits_fit(n, name=name):
-      log(f"  remat.fit at {name} {n}")
-      return fits(load(**{name: n}), memory)
-
-    def fits_plain(n, name=name):
-      log(f"  plain backprop at {name} {n}")
-      return plain_peak(load(**{name: n})) <= memory
-
-    plain_max = largest(fits_plain, start)
-    fit_max = largest(fits_fit, max(plain_max, 1))
-    ratio = f"{fit_max / plain_max:.1f}x" if plain_max else "n/a"
-    rows.append([f"largest {flag[2:]}", plain_max, fit_max, ratio])
+  for flag, plain, fitted_search in searches:
+    done = status in (0, 1) or (plain.hi is not None and fitted_search.hi is not None)
+    ratio = (f"{fitted_search.lo / plain.lo:.1f}x" if done and plain.lo else "n/a")
+    rows.append([f"largest {flag[2:]}", plain.found(), fitted_search.found(), ratio])
   if rows:
     print(markdown_table(["at the other sizes given", "plain backprop", "remat.fit", "remat.fit / plain"],
                          rows))
-  return 0 if report is not None else 1
+  return status
 
 
 def _default(model: ChainModel, name: str) -> int | None:

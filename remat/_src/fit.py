@@ -418,7 +418,7 @@ class _Search:
     steps = ["Lower the batch or the sequence length", "shard the step over more devices"]
     if self.undonated:
       steps.append(f"donate what the step replaces (`donate_argnums`: {self.undonated} argument "
-                   "array(s) are not donated)")
+                   "array(s) not donated have the shape of an output)")
     return ", ".join(steps) + ", or raise `memory`."
 
   def refuse_if_arguments_alone_exceed(self, lowered) -> None:
@@ -436,10 +436,16 @@ class _Search:
     if len(donated) != len(leaves):  # static arguments or an unfamiliar jax: no early answer
       self.undonated = None
       return
-    self.undonated = sum(not d for d in donated)
+    outs = jax.tree_util.tree_leaves(lowered.out_info)
+    # Donation helps only where an output could reuse the argument's buffer (same shape and dtype).
+    out_types = {(tuple(o.shape), str(o.dtype)) for o in outs}
+    self.undonated = sum(not d and (tuple(x.shape), str(x.dtype)) in out_types
+                         for x, d in zip(leaves, donated, strict=True))
     args_bytes = sum(_lower_bound_bytes(x) for x in leaves)
-    donated_bytes = sum(_upper_bound_bytes(x) for x, d in zip(leaves, donated, strict=True) if d)
-    out_bytes = sum(_lower_bound_bytes(x) for x in jax.tree_util.tree_leaves(lowered.out_info))
+    out_bytes = sum(_lower_bound_bytes(x) for x in outs)
+    # At most the outputs can live in donated buffers.
+    donated_bytes = min(out_bytes, sum(_upper_bound_bytes(x) for x, d in zip(leaves, donated, strict=True)
+                                       if d))
     fixed = args_bytes + out_bytes - donated_bytes
     if fixed > self.memory:
       raise ValueError(
