@@ -42,8 +42,7 @@ class Sequential(nnx.Sequential):
   Example:
 
     >>> import jax.numpy as jnp, remat
-    >>> import jax
-from flax import nnx
+    >>> from flax import nnx
     >>> rngs = nnx.Rngs(0)
     >>> model = remat.nnx.Sequential(*[nnx.Linear(8, 8, rngs=rngs) for _ in range(6)],
     ...                              segmenter=remat.segmenters.revolve(2))
