@@ -410,6 +410,9 @@ def test_plots_have_titles_units_one_colour_per_method_and_no_overlapping_labels
   labels = [t.get_text() for t in frontier.get_legend().get_texts()]
   assert len(labels) == len(set(labels)) == len(tradeoff.METHODS) - 1  # forward_only has no backward
   assert any(label.startswith("budget: ") and "act" in label and "x" in label for label in labels)
+  # The large star lies under the smaller markers: a point it coincides with stays visible.
+  order = {c.get_label().split(":")[0]: c.get_zorder() for c in frontier.collections}
+  assert all(order["budget"] < z for m, z in order.items() if m != "budget"), order
   import matplotlib.pyplot as plt
 
   for fig in figs:

@@ -301,3 +301,13 @@ def test_budget_under_an_auto_mesh_warns_that_it_plans_global_shapes():
   step = remat.jit(jax.grad(lambda ws, x: jnp.mean(apply(ws, x) ** 2)), in_shardings=kw["in_shardings"])
   with pytest.warns(S.GlobalShapesWarning, match=r"global shapes.*remat.fit"):
     step.lower(ws, x)
+
+
+def test_plans_and_reports_count_recomputation_inside_blocks():
+  # A block taped under a policy recomputes part of its forward pass: the counts say so.
+  from remat.segmenters import Segment
+  tree = Segment(0, 3, (Segment(0, 2, policy="dots"), Segment(2, 3)))
+  plan = Plan.from_tree(tree)
+  assert plan.recomputed_evaluations == 0 and plan.policy_layers == 2 and plan.recomputes
+  assert plan.recomputation() == "0 recomputed, 2 layer(s) recomputing part of their forward under a policy"
+  assert "(0 recomputed, 2 layer(s) recomputing part" in str(plan).splitlines()[0]

@@ -123,3 +123,39 @@ def test_the_old_readme_mistake_gets_a_message_that_names_the_cause():
   with pytest.raises(ValueError, match=r"passed only 2 positional arguments\. Pass that argument "
                      r"positionally\. If the module sits in `flax\.linen\.Sequential`, that is the cause"):
     model.init(jax.random.key(0), jnp.ones((2, 4)), True)
+
+
+def _readme_tables():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "experiments" / "readme_tables.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_founding_table_is_the_csv_of_the_main_job():
+  tables = _readme_tables()
+  assert tables.readme_block(README) == tables.table(), (
+      "the README's founding table differs from docs/results/tradeoff_quick.csv: run "
+      "`python experiments/readme_tables.py` (after `experiments/tradeoff.py --quick` and --save)")
+  rows = {r["method"]: r for r in tables.tradeoff.read_csv(str(tables.CSV)) if r["depth"] == 32}
+  # The prose under the table: the budget plan fits sqrt's memory with fewer evaluations.
+  budget, sqrt = rows["budget"], rows["checkpoint_sqrt"]
+  assert budget["temp_bytes"] <= sqrt["temp_bytes"]
+  assert (budget["forward_evaluations"], sqrt["forward_evaluations"]) == (58, 64)
+  assert f"{budget['flops'] / rows['standard']['flops']:.2f}x" == "1.27x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compat.JAX_VERSION[:2] == (0, 10), reason="the CSV was measured on jax 0.10.2")
+def test_the_csv_is_what_the_compiler_gives_now():
+  # Memory, flops and evaluations do not depend on the machine's load: a fresh compile gives them.
+  tables = _readme_tables()
+  from remat_bench import chains as chains_lib
+  want = [r for r in tables.tradeoff.read_csv(str(tables.CSV)) if r["depth"] == 32]
+  sweep = [chains_lib.Chain(depth=32, **tables.QUICK)]
+  got = tables.tradeoff.measure(sweep, [r["method"] for r in want], rounds=0, progress=False)
+  for g, w in zip(got, want, strict=True):
+    for k in ("method", "temp_bytes", "peak_bytes", "forward_evaluations"):
+      assert g[k] == w[k], (w["method"], k, g[k], w[k])
+    assert abs(g["flops"] - w["flops"]) <= 1e-9 * w["flops"], w["method"]

@@ -363,8 +363,10 @@ def figures(rows: Sequence[dict], activation_bytes: int) -> list:
     for r in at_max:
       mem, cost = r["temp_bytes"] / activation_bytes, r["flops"] / std[dmax]["flops"]
       color, marker = STYLES[r["method"]]
+      # The large star lies under the other markers, so that a point it coincides with stays visible.
       ax.scatter(mem, cost, color=color, marker=marker, s=150 if marker == "*" else 70, alpha=0.85,
-                 edgecolors="white", linewidths=0.5, label=f"{r['method']}: {mem:.1f} act, {cost:.2f}x")
+                 edgecolors="white", linewidths=0.5, zorder=2 if marker == "*" else 3,
+                 label=f"{r['method']}: {mem:.1f} act, {cost:.2f}x")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title=f"D={dmax}",
               title_fontsize=8)
   ax.set_xlabel(f"compiled temp memory at D={dmax} ({act_label})")
