@@ -329,11 +329,10 @@ def test_without_the_compiler_option_cpu_undoes_remat():
 
 
 def test_jit_and_compiler_options():
-  want = "cse_barrier_expander,small-while-loop-hoisting" if compat.CPU_UNDOES_REMAT else None
-  assert remat.compiler_options("cpu").get("xla_disable_hlo_passes") == want
+  assert remat.compiler_options("cpu") == {
+      "xla_disable_hlo_passes": "cse_barrier_expander,small-while-loop-hoisting"}  # every jax: fact 24
   merged = remat_compile.merge_compiler_options({"xla_disable_hlo_passes": "foo,cse_barrier_expander"}, "cpu")
-  assert merged == ({"xla_disable_hlo_passes": "foo,cse_barrier_expander,small-while-loop-hoisting"}
-                    if compat.CPU_UNDOES_REMAT else {"xla_disable_hlo_passes": "foo,cse_barrier_expander"})
+  assert merged == {"xla_disable_hlo_passes": "foo,cse_barrier_expander,small-while-loop-hoisting"}
   assert remat.compiler_options("gpu") == {}
   f = remat.jit(lambda x: x * 2, compiler_options={"xla_disable_hlo_passes": "foo"})
   assert float(f(1.0)) == 2.0

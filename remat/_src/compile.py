@@ -1,7 +1,7 @@
 """Compiler options that keep rematerialization alive, applied only to what remat compiles.
 
-XLA:CPU before jax 0.11.1 removes optimization barriers and so undoes
-checkpointing (docs/facts.md, fact 1). ``remat.jit``, ``remat.profile``,
+XLA:CPU removes optimization barriers and so undoes checkpointing: entirely
+before jax 0.11.1, partly (nested plans) after (docs/facts.md, facts 1, 20). ``remat.jit``, ``remat.profile``,
 ``remat.fit`` and the planners' compiles pass the options that keep the
 barriers, per compile (:func:`compiler_options`). Nothing is set for the
 process: ``import remat`` changes no other program's compilation (fact 24 says
@@ -23,17 +23,17 @@ import jax
 
 from remat._src import compat
 
-# Passes XLA:CPU must skip for a checkpoint to save memory, up to jax 0.11.0 (docs/facts.md,
-# facts 1, 20, 24). `cse_barrier_expander` deletes optimization barriers, after which CSE and
-# scheduling move the recomputation back into the forward pass. With the barriers kept,
-# `small-while-loop-hoisting` must go too: it turns a while loop that touches under 1 KiB per
-# iteration into one nested kernel, whose emitter cannot hold a barrier (the process aborts in
-# `shape.h: Check failed: buffer != nullptr`, or compiling fails with "Unhandled opcode for
-# elemental IR emission: opt-barrier"). Such loops then run as the thunk loops that larger ones
-# are anyway. From jax 0.11.1 XLA:CPU keeps the barriers by itself: no option at all.
+# Passes XLA:CPU must skip for a checkpoint to save what theory says (docs/facts.md, facts 1, 20,
+# 24). `cse_barrier_expander` deletes optimization barriers, after which CSE and scheduling move the
+# recomputation back into the forward pass: up to jax 0.11.0 all of it; from 0.11.1 XLA:CPU keeps
+# single checkpoints by itself, but nested plans still come out one activation larger (revolve(2)
+# on 16 layers: 5 against 4). With the barriers kept, `small-while-loop-hoisting` must go too: it
+# turns a while loop that touches under 1 KiB per iteration into one nested kernel, whose emitter
+# cannot hold a barrier (the process aborts in `shape.h: Check failed: buffer != nullptr`, or
+# compiling fails with "Unhandled opcode for elemental IR emission: opt-barrier"; jax 0.10.2 and
+# 0.12.0.1 alike). Such loops then run as the thunk loops that larger ones are anyway.
 _BARRIER_PASSES = ("cse_barrier_expander", "small-while-loop-hoisting")
-_NEEDS_OPTIONS = ({"cpu": {"xla_disable_hlo_passes": ",".join(_BARRIER_PASSES)}}
-                  if compat.CPU_UNDOES_REMAT else {})
+_NEEDS_OPTIONS = {"cpu": {"xla_disable_hlo_passes": ",".join(_BARRIER_PASSES)}}
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any]:
@@ -44,16 +44,16 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
 
   Returns:
     A new dict to pass as ``jax.jit(..., compiler_options=...)`` or
-    ``lowered.compile(compiler_options)``; empty where none are needed: on
-    GPU and TPU, and on CPU from jax 0.11.1 (docs/facts.md, fact 20).
+    ``lowered.compile(compiler_options)``; empty where none are needed (GPU,
+    TPU).
 
   Example:
 
     >>> import remat
+    >>> remat.compiler_options("cpu")
+    {'xla_disable_hlo_passes': 'cse_barrier_expander,small-while-loop-hoisting'}
     >>> remat.compiler_options("tpu")
     {}
-    >>> sorted(remat.compiler_options("cpu")) in ([], ["xla_disable_hlo_passes"])
-    True
   """
   backend = backend or jax.default_backend()
   return dict(_NEEDS_OPTIONS.get(backend, {}))
@@ -82,10 +82,11 @@ def merge_compiler_options(user: dict[str, Any] | None, backend: str | None = No
 def jit(fn: Callable | None = None, /, **jit_kwargs) -> Callable:
   """``jax.jit`` with the compiler options that keep rematerialization.
 
-  On CPU before jax 0.11.1 this disables XLA's ``cse_barrier_expander`` pass,
-  without which the CPU compiler silently undoes checkpointing, and its
-  ``small-while-loop-hoisting`` pass, which cannot compile a kept barrier
-  (docs/facts.md, fact 24); elsewhere it adds nothing. Any
+  On CPU this disables XLA's ``cse_barrier_expander`` pass, without which the
+  CPU compiler undoes checkpointing (all of it before jax 0.11.1, part of
+  nested plans after), and its ``small-while-loop-hoisting`` pass, which
+  cannot compile a kept barrier (docs/facts.md, fact 24); elsewhere it adds
+  nothing. Any
   ``compiler_options`` you pass are kept and merged. Only what this function
   compiles is affected: other jits in the process are not.
 
