@@ -1,7 +1,7 @@
 """Regenerates the README's measured founding table from the CSV of the main job, so that they agree.
 
 The README's table (between the ``tradeoff-table`` markers) is ``remat_bench.tradeoff.founding_table``
-of ``docs/results/tradeoff_quick.csv``, which ``experiments/tradeoff.py --quick --out DIR`` wrote
+of ``docs/tradeoff_quick.csv``, which ``experiments/tradeoff.py --quick --out DIR`` wrote
 (``DIR/tradeoff.csv``, copied there). ``tests/test_readme.py`` checks that the README block is exactly
 that, and, on the jax the CSV was made with, that a fresh compile gives the CSV's memory, flops and
 forward evaluations.
@@ -22,7 +22,7 @@ from remat_bench import chains, tradeoff
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-CSV = ROOT / "docs" / "results" / "tradeoff_quick.csv"
+CSV = ROOT / "docs" / "tradeoff_quick.csv"
 BEGIN, END = "<!-- tradeoff-table:begin -->", "<!-- tradeoff-table:end -->"
 # The chain of `experiments/tradeoff.py --quick` (its defaults): one activation = batch x width floats.
 QUICK = dict(model="mlp", width=256, batch=512)

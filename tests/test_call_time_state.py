@@ -124,8 +124,8 @@ class LinenBlock(nn.Module):
     return x + h
 
 
-@pytest.mark.parametrize("seg", [S.every(1), S.revolve(1), S.budget(2**20)], ids=repr)
-@pytest.mark.parametrize("by_keyword", [False, True])
+@pytest.mark.parametrize("seg,by_keyword",
+                         [(S.every(1), False), (S.revolve(1), True), (S.budget(2**20), True)], ids=repr)
 def test_linen_sequential_call_time_arrays_flags_and_none(seg, by_keyword):
   mask = (jnp.arange(WIDTH) % 2).astype(jnp.float32)
 
