@@ -444,8 +444,8 @@ class _Search:
     args_bytes = sum(_lower_bound_bytes(x) for x in leaves)
     out_bytes = sum(_lower_bound_bytes(x) for x in outs)
     # At most the outputs can live in donated buffers.
-    donated_bytes = min(out_bytes, sum(_upper_bound_bytes(x) for x, d in zip(leaves, donated, strict=True)
-                                       if d))
+    donated_bytes = min(out_bytes, sum(specs.device_bytes(x)  # unknown layouts: whole, an upper bound
+                                       for x, d in zip(leaves, donated, strict=True) if d))
     fixed = args_bytes + out_bytes - donated_bytes
     if fixed > self.memory:
       raise ValueError(
@@ -519,11 +519,6 @@ def _lower_bound_bytes(x) -> float:
   known = isinstance(getattr(x, "sharding", None),
                      (jax.sharding.NamedSharding, jax.sharding.SingleDeviceSharding))
   return specs.device_bytes(x) / (1 if known else jax.device_count())
-
-
-def _upper_bound_bytes(x) -> float:
-  """Per-device bytes of ``x``; an unknown layout counts as whole on each device."""
-  return specs.device_bytes(x)
 
 
 def parse_memory(memory: int | float | str) -> int:

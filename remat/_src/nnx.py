@@ -170,7 +170,7 @@ def checkpoint(
         raise ValueError(
             f"the `static_argnums` argument to {_API} is out of range: index {i} for a "
             f"call of `{_name(f)}` with {len(args)} positional arguments.")
-      if adapter_util.has_array(args[j]) or _has_module(args[j]):
+      if adapter_util.has_array(args[j]) or holds_graph_state(args[j]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i} of `{_name(f)}`, but the "
             f"argument there is {_describe(args[j])}. Static arguments must be hashable "
@@ -266,14 +266,12 @@ def _name(f) -> str:
   return getattr(f, "__qualname__", None) or getattr(f, "__name__", repr(f))
 
 
-def _has_module(x) -> bool:
+def holds_graph_state(x) -> bool:
   """Whether ``x`` holds NNX graph state: a Module, an ``nnx.Rngs`` (any ``nnx.Pytree``), a Variable."""
   graph = (nnx.Pytree, nnx.Variable)
   return any(isinstance(leaf, graph) for leaf in jax.tree_util.tree_leaves(
       x, is_leaf=lambda y: isinstance(y, graph)))
 
-
-holds_graph_state = _has_module
 
 
 def _describe(x) -> str:
