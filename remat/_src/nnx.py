@@ -266,11 +266,36 @@ def _name(f) -> str:
   return getattr(f, "__qualname__", None) or getattr(f, "__name__", repr(f))
 
 
+def is_graph_node(x) -> bool:
+  """Whether ``x`` is NNX graph state itself: a Module, an ``nnx.Rngs`` (any ``nnx.Pytree``), a Variable."""
+  return isinstance(x, (nnx.Pytree, nnx.Variable))
+
+
 def holds_graph_state(x) -> bool:
-  """Whether ``x`` holds NNX graph state: a Module, an ``nnx.Rngs`` (any ``nnx.Pytree``), a Variable."""
-  graph = (nnx.Pytree, nnx.Variable)
-  return any(isinstance(leaf, graph) for leaf in jax.tree_util.tree_leaves(
-      x, is_leaf=lambda y: isinstance(y, graph)))
+  """Whether ``x`` is or contains NNX graph state (see :func:`is_graph_node`)."""
+  return any(is_graph_node(leaf) for leaf in jax.tree_util.tree_leaves(x, is_leaf=is_graph_node))
+
+
+def graph_arguments(args: tuple, kwargs: dict) -> tuple[tuple, Callable]:
+  """The call arguments that hold graph state, and ``put(values) -> (args, kwargs)`` with replacements.
+
+  ``remat.nnx.Sequential`` and ``remat.nnx.Scan`` pass such arguments (an
+  ``nnx.Rngs`` drawn from at call time) into their checkpoints or scans as
+  state, and put the traced copies back where the caller had them.
+  """
+  at = [i for i, a in enumerate(args) if holds_graph_state(a)]
+  at += [k for k, v in kwargs.items() if holds_graph_state(v)]
+
+  def put(values) -> tuple[list, dict]:
+    a, kw = list(args), dict(kwargs)
+    for i, v in zip(at, values, strict=True):
+      if isinstance(i, int):
+        a[i] = v
+      else:
+        kw[i] = v
+    return a, kw
+
+  return tuple(args[i] if isinstance(i, int) else kwargs[i] for i in at), put
 
 
 

@@ -212,11 +212,8 @@ def _run(f, segmenter, blocks, x, args, kwargs, *, plan_only: bool, api: str):
   # Call arguments that hold graph state (an `nnx.Rngs` drawn from at call time, a module) are
   # shared by every layer: their state is carried through the scan with `x` (as `nnx.Carry`
   # would carry it), rebuilt in each layer and written back after the call.
-  graph_at = [i for i, a in enumerate(args) if nnx_lib.holds_graph_state(a)]
-  graph_kw = [k for k, v in kwargs.items() if nnx_lib.holds_graph_state(v)]
-  nodes = [args[i] for i in graph_at] + [kwargs[k] for k in graph_kw]
+  nodes, put = nnx_lib.graph_arguments(args, kwargs)
   splits = [nnx.split(node) for node in nodes]
-  graph_defs = [gd for gd, _ in splits]
 
   def layer(p, carry, r):
     block = nnx.merge(graphdef, p, r)
@@ -224,21 +221,14 @@ def _run(f, segmenter, blocks, x, args, kwargs, *, plan_only: bool, api: str):
       y = f(block, carry, *args, **kwargs)
       return y, nnx.split(block, nnx.Param, ...)[2]
     x, states = carry
-    fresh = [nnx.merge(gd, st, copy=True) for gd, st in zip(graph_defs, states, strict=True)]
-    a, kw = list(args), dict(kwargs)
-    for i, node in zip(graph_at + graph_kw, fresh, strict=True):
-      if isinstance(i, int):
-        a[i] = node
-      else:
-        kw[i] = node
+    fresh = [nnx.merge(gd, st, copy=True) for (gd, _), st in zip(splits, states, strict=True)]
+    a, kw = put(fresh)
     y = f(block, x, *a, **kw)
     return (y, [nnx.split(node)[1] for node in fresh]), nnx.split(block, nnx.Param, ...)[2]
 
   x_in = (x, [st for _, st in splits]) if nodes else x
   needs_costs = segmenter is not None and not isinstance(segmenter, Plan) and segmenter.needs_costs
-  plain_args = ([a for i, a in enumerate(args) if i not in graph_at],
-                {k: v for k, v in kwargs.items() if k not in graph_kw})
-  if needs_costs and adapter_util.has_array(plain_args):
+  if needs_costs and adapter_util.has_array(put([None] * len(nodes))):  # arrays besides the graph state
     raise NotImplementedError(
         f"{api}: `{segmenter!r}` measures one block in a compile of its own, which cannot see array "
         "arguments besides `x`; make them module attributes, or use a uniform segmenter.")

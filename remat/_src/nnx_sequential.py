@@ -99,20 +99,13 @@ class Sequential(nnx.Sequential):
     # Variable) are arguments of every checkpointed segment, as the layers are: state changed
     # inside a checkpoint must enter it as an argument to be written back. The others (arrays,
     # flags) stay in the closure, where `remat.checkpoint` hoists traced values.
-    graph_at = [("arg", i) for i, a in enumerate(args) if nnx_lib.holds_graph_state(a)]
-    graph_at += [("kw", k) for k, v in kwargs.items() if nnx_lib.holds_graph_state(v)]
+    graph_values, put = nnx_lib.graph_arguments(args, kwargs)
 
     def run_layer(i, item, x):
-      layer, graph_values = item
-      a, kw = list(args), dict(kwargs)
-      for (kind, at), v in zip(graph_at, graph_values, strict=True):
-        if kind == "arg":
-          a[at] = v
-        else:
-          kw[at] = v
+      layer, values = item
+      a, kw = put(values)
       return layer(x, *a, **kw)
 
-    graph_values = tuple(args[at] if kind == "arg" else kwargs[at] for kind, at in graph_at)
     run = execute.build(plan.root, run_layer, _checkpoint_segment)
     return run([(layer, graph_values) for layer in self.layers], x)
 
@@ -127,11 +120,9 @@ class _Snapshot:
     return nnx.merge(self.graphdef, self.state, copy=True)  # new Variables, at the current trace level
 
 
-_is_graph = lambda x: isinstance(x, (nnx.Pytree, nnx.Variable))  # noqa: E731
-
-
 def _snapshots(tree):
-  return jax.tree.map(lambda v: _Snapshot(v) if _is_graph(v) else v, tree, is_leaf=_is_graph)
+  is_node = nnx_lib.is_graph_node
+  return jax.tree.map(lambda v: _Snapshot(v) if is_node(v) else v, tree, is_leaf=is_node)
 
 
 def _rebuilt(tree):
