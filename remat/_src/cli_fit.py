@@ -48,18 +48,17 @@ def step_args(model: ChainModel) -> tuple:
   return params, (params, params), x, key
 
 
-def fit_report(model: ChainModel, memory: int) -> fit_lib.FitReport:
+def fit_report(model: ChainModel, memory: int, max_compiles: int = 12) -> fit_lib.FitReport:
   """``remat.fit`` of the model's step (raises ``ValueError`` where nothing fits)."""
-  return fit_lib.fit(adam_step(model, fit_lib.auto()), memory, donate_argnums=(0, 1)).plans(
-      *step_args(model))
+  return fit_lib.fit(adam_step(model, fit_lib.auto()), memory, max_compiles=max_compiles,
+                     donate_argnums=(0, 1)).plans(*step_args(model))
 
 
 def fits(model: ChainModel, memory: int) -> bool:
   """Whether any plan fits: the plain step, then the smallest-memory plans (at most 4 compiles; the
   search for the cheapest plan that fits is left to the final report)."""
   try:
-    fit_lib.fit(adam_step(model, fit_lib.auto()), memory, max_compiles=4, donate_argnums=(0, 1)).plans(
-        *step_args(model))
+    fit_report(model, memory, max_compiles=4)
     return True
   except ValueError:
     return False
