@@ -537,3 +537,17 @@ def test_plan_a_batchnorm_model_in_training_mode(tmp_path, capsys):
   assert cli.main(["plan", "--model", f"{path}:sows", "--no-progress"]) == 2
   err = capsys.readouterr().err
   assert "ModifyScopeVariableError" in err and "create it in `init` too" in err and "\n" not in err.strip()
+
+
+def test_cli_modules_import_one_way():
+  """cli -> cli_fit -> cli_model -> cli_util: no command module imports the entry point or a later one."""
+  import ast
+  import pathlib
+
+  order = ["cli", "cli_fit", "cli_model", "cli_util"]
+  src = pathlib.Path(__file__).parent.parent / "remat" / "_src"
+  for i, name in enumerate(order):
+    tree = ast.parse((src / f"{name}.py").read_text())
+    imported = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("remat._src.cli")}
+    assert imported <= set(order[i + 1:]), (name, imported)

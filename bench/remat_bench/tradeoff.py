@@ -24,7 +24,7 @@ import jax
 
 import remat
 from remat import segmenters as seg_lib
-from remat._src.cli import OneLineParser, make_progress, markdown_table, nearest_divisor, positive_int
+from remat._src.cli_util import OneLineParser, make_progress, markdown_table, nearest_divisor, positive_int
 from remat._src.units import format_bytes
 from remat_bench import chains
 

@@ -11,10 +11,10 @@ A bad option prints one line (the flag, the value and the fix) and exits with st
 from __future__ import annotations
 
 import argparse
-import importlib
-import math
 import sys
 
+from remat._src.cli_util import (OneLineParser, bench_module, make_progress, markdown_table, positive_int,
+                                 positive_number, size_arg)
 from remat._src.units import format_bytes, parse_bytes
 
 MEMORY_COUNTS = (
@@ -28,66 +28,10 @@ BUDGET_COUNTS = (
     "state, inputs or gradients, which live in argument and output buffers. To fit a whole step "
     "(parameters and optimizer state included) to a device, use `remat fit --memory`.")
 
-__all__ = ["BUDGET_COUNTS", "OneLineParser", "build_parser", "main", "make_progress", "markdown_table",
-           "nearest_divisor", "parse_bytes", "parse_segmenter", "positive_int", "size_arg"]
+__all__ = ["BUDGET_COUNTS", "MEMORY_COUNTS", "build_parser", "main", "parse_segmenter", "segmenter_label"]
 
 
 ### Arguments
-
-
-class OneLineParser(argparse.ArgumentParser):
-  """``argparse`` whose errors are one line, ``prog: error: message``, with exit status 2."""
-
-  def error(self, message: str):
-    self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(flag: str, example: str, *, zero: bool = False):
-  """An argparse ``type`` for a whole number >= 1 (>= 0 with ``zero``), with a message naming ``flag``."""
-  least = 0 if zero else 1
-
-  def parse(text: str) -> int:
-    try:
-      v = int(text)
-    except ValueError:
-      v = None
-    if v is None or v < least:
-      raise argparse.ArgumentTypeError(
-          f"expected a whole number >= {least}, but got {text!r}; e.g. {flag} {example}.")
-    return v
-
-  parse.__name__ = "int"
-  return parse
-
-
-def positive_number(flag: str, example: str):
-  """An argparse ``type`` for a finite number > 0, with a message naming ``flag``."""
-
-  def parse(text: str) -> float:
-    try:
-      v = float(text)
-    except ValueError:
-      v = None
-    if v is None or not math.isfinite(v) or v <= 0:
-      raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, but got {text!r}; e.g. "
-                                       f"{flag} {example}.")
-    return v
-
-  parse.__name__ = "float"
-  return parse
-
-
-def nearest_divisor(n: int, k: int) -> int:
-  """The divisor of ``n`` nearest ``k`` (the larger on a tie): a suggestion for ``--heads``."""
-  return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), -d))
-
-
-def size_arg(text: str) -> int:
-  """An argparse ``type`` for a size in bytes (``2GiB``, ``512MiB``, ``1e9``)."""
-  try:
-    return parse_bytes(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_segmenter(text: str, budget_bytes: int | None = None):
@@ -142,56 +86,7 @@ def segmenter_label(seg) -> str:
   return f"budget({format_bytes(max_bytes)})" if max_bytes is not None else repr(seg)
 
 
-### Output
-
-
-def markdown_table(header, rows) -> str:
-  """A Markdown table with padded columns."""
-  cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
-  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-  return "\n".join(lines)
-
-
-class _PlainProgress:
-  def __init__(self, total):
-    self.n, self.total = 0, total
-
-  def set_description(self, s):
-    print(f"[{min(self.n + 1, self.total)}/{self.total}] {s}", flush=True)
-
-  def update(self, k):
-    self.n += k
-
-  def close(self):
-    pass
-
-
-def make_progress(total: int, enabled: bool = True):
-  """A tqdm bar where available (and wanted), else one printed line per step, ``[k/total]``."""
-  if enabled:
-    try:
-      from tqdm.auto import tqdm
-
-      return tqdm(total=total, unit="step", leave=True)
-    except ImportError:
-      pass
-  return _PlainProgress(total)
-
-
 ### Commands
-
-
-def bench_module(module: str):
-  """A module of the repository's benchmark package, which the remat wheel does not ship."""
-  try:
-    return importlib.import_module(f"remat_bench.{module}")
-  except ImportError as e:
-    raise SystemExit(
-        f"remat: error: the reference models and the trade-off measurement live in the repository's "
-        f"benchmark package `remat_bench`, which is not installed ({e}). From a clone of remat: "
-        "`pip install -e . -e bench`; or plan your own model with --model path/to/file.py:factory.") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

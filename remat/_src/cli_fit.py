@@ -20,7 +20,7 @@ from remat._src import compile as compile_lib
 from remat._src import fit as fit_lib
 from remat._src import profile as profile_lib
 from remat._src import sequential as seq_lib
-from remat._src.cli import make_progress, markdown_table
+from remat._src.cli_util import make_progress, markdown_table
 from remat._src.cli_model import ChainModel, ModelError, load_model
 from remat._src.units import format_bytes
 

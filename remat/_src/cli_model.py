@@ -174,7 +174,7 @@ def from_dict(spec: Any, *, name: str = "model") -> ChainModel:
 
 
 def _builtin(name, *, depth, width, batch, seq_len, heads) -> ChainModel:
-  from remat._src.cli import bench_module
+  from remat._src.cli_util import bench_module
 
   chains = bench_module("chains")
   if name == "mlp":
@@ -184,7 +184,7 @@ def _builtin(name, *, depth, width, batch, seq_len, heads) -> ChainModel:
                          f"{flag}, or use --model transformer.", flag=flag)
   width, heads = width or 256, heads or 4
   if name == "transformer" and width % heads:
-    from remat._src.cli import nearest_divisor
+    from remat._src.cli_util import nearest_divisor
 
     divisor = nearest_divisor(width, heads)
     raise ModelError(f"{heads} does not divide --width {width} (each attention head gets width / heads "
