@@ -176,7 +176,6 @@ def test_fit_names_the_smallest_peak_and_what_it_holds():
 def test_fit_refuses_after_one_lowering_when_arguments_alone_exceed_the_memory(monkeypatch):
   compiled = []
   no_compile = lambda *a, **k: compiled.append(a) or pytest.fail("compiled")  # noqa: E731
-  monkeypatch.setattr(remat.Fitted, "_profile", no_compile)
   monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
   ws, x = args()
   every_arg = remat.fit(lambda ws, x: sgd_step(S.auto())(ws, x), 100_000, donate_argnums=(0, 1))
@@ -311,3 +310,26 @@ def test_plans_and_reports_count_recomputation_inside_blocks():
   assert plan.recomputed_evaluations == 0 and plan.policy_layers == 2 and plan.recomputes
   assert plan.recomputation() == "0 recomputed, 2 layer(s) recomputing part of their forward under a policy"
   assert "(0 recomputed, 2 layer(s) recomputing part" in str(plan).splitlines()[0]
+
+
+def test_fit_runs_and_lowers_with_the_executable_its_search_compiled(monkeypatch, caplog):
+  """After the search, calling the step or `.lower(...).compile()` compiles nothing again; the search
+  says what it compiles through the `remat` logger."""
+  import logging
+
+  ws, x = args()
+  fitted = remat.fit(sgd_step(S.auto()), int(0.6 * peak_of(plain_plan(D))[0]), donate_argnums=1)
+  with caplog.at_level(logging.INFO, logger="remat"):
+    report = fitted.plans(ws, x)
+  lines = [r.getMessage() for r in caplog.records if r.name == "remat"]
+  assert sum("started" in m for m in lines) == report.compiles >= 2
+  assert any("compile 1 (plain): peak" in m and "(over)" in m for m in lines)
+  compiles = []
+  real = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real(
+      self, *a, **k))
+  assert remat.Profile.from_compiled(fitted.lower(ws, x).compile()).peak_bytes == report.profile.peak_bytes
+  new_ws, loss = fitted(ws, x)
+  ref_ws, ref_loss = jax.jit(sgd_step(plain_plan(D)))(ws, x)
+  chex.assert_trees_all_close((new_ws, loss), (ref_ws, ref_loss), rtol=1e-5, atol=1e-6)
+  assert compiles == []

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from remat._src import offload as offload_lib
+from remat._src import search as search_lib
 from remat._src import segmenters as seg_lib
 from remat._src.plan import (LayerCost, Plan, Segment, Verifier, backward_transient, forward_peak, leaf,
                               make_plan)
@@ -172,60 +173,23 @@ def uniform_plans(costs: Sequence[LayerCost]) -> list[Plan]:
 
 
 def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
-                    temp_bytes: Callable[[Plan], int], max_compiles: int, *, name: str, api: str,
-                    extra: Sequence[Plan] = (), low: float = 0.8) -> Plan:
+                    temp_bytes: Callable[[Plan], int], max_compiles: int, *, name: str, api: str) -> Plan:
   """The plan with the fewest predicted flops whose *compiled* temp is at most ``limit``.
 
-  Candidates are the dynamic program's optimum (re-aimed after every compile by
-  the ratio of compiled to predicted bytes) and the uniform plans; the cheapest
-  plausible one is compiled first, so a uniform plan that fits is never beaten
-  by a costlier answer. A prediction counts as plausible if ``low`` times it
-  fits (compiled / predicted was 0.84-1.2 on the chains of docs/facts.md,
-  fact 12), or the lowest ratio seen so far. ``extra`` plans were measured
-  before: they are candidates too, and evaluating them counts against no
-  compile of ``max_compiles``.
+  One chain through the verified search of ``search.py`` (the one every planner
+  uses): the dynamic program's optimum, re-aimed after each compile, and the
+  uniform plans; ``temp_bytes`` compiles the chain's reference step.
   """
-  n = len(costs)
-  smallest = dp.min_peak()
-  pool = list(uniform_plans(costs)) + list(extra)
-  free = {p.root for p in extra}  # measured already: evaluating them spends no compile
-  compiled: dict[Segment, int] = {}
-  target, best = float(limit), None
-  while sum(root not in free for root in compiled) < max_compiles:
-    dp_plan = None
-    if target >= smallest:
-      dp_plan = make_plan(dp.solve(target), costs, n, name)
-    options = [p for p in pool if p.predicted_peak_bytes * low <= limit]
-    if dp_plan is not None:
-      options.append(dp_plan)
-    options = [p for p in options if p.root not in compiled
-               and (best is None or p.predicted_flops < best.predicted_flops)]
-    if not options:
-      break
-    cand = min(options, key=lambda p: (p.predicted_flops, p.predicted_peak_bytes))
-    temp = compiled[cand.root] = int(temp_bytes(cand))
-    if cand.predicted_peak_bytes:
-      low = min(low, temp / cand.predicted_peak_bytes)
-    if temp <= limit:
-      label = name if cand is dp_plan else f"{name} = {cand.segmenter}"
-      best = dataclasses.replace(cand, segmenter=label, compiled_temp_bytes=temp)
-      if cand is dp_plan and temp < limit:  # memory left over: aim higher, for fewer flops
-        target = target * limit / max(temp, 1)
-    elif cand is dp_plan:  # aim lower by the model's error, at least one byte below its prediction
-      target = min(target * limit / temp, cand.predicted_peak_bytes - 1.0)
-  if best is None and not compiled:
-    need = int(math.ceil(smallest))
-    raise ValueError(
-        f"{api}: no plan is predicted to fit {_bytes(limit)}; the smallest feasible budget for this "
-        f"chain is {_bytes(need)}, predicted. Raise `max_bytes` to at least {need}, or make the layers "
-        "smaller.")
-  if best is None:
-    tried = sorted(compiled.values())
-    raise ValueError(
-        f"{api}: no plan compiled to within {_bytes(limit)} in {len(compiled)} compile(s); the "
-        f"smallest compiled to {_bytes(tried[0])} (the smallest predicted for this chain is "
-        f"{_bytes(int(smallest))}). Raise `max_bytes` to at least {tried[0]}, or `max_compiles`.")
-  return best
+  def start(option):
+    value = int(temp_bytes(option[0]))
+    return lambda: value
+
+  found = search_lib.verified_search(
+      [dp], [costs], limit, start, max_compiles, uniform=[(p,) for p in uniform_plans(costs)], name=name,
+      api=api, units=_bytes)
+  (plan,) = found.option
+  label = name if found.proposed else f"{name} = {plan.segmenter}"
+  return dataclasses.replace(plan, segmenter=label, compiled_temp_bytes=int(found.measured))
 
 
 def _every_sizes(n: int) -> list[int]:

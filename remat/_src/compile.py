@@ -59,6 +59,18 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
   return dict(_NEEDS_OPTIONS.get(backend, {}))
 
 
+# Programs compiled only to read their memory and flops (per-layer costs) need no optimised machine
+# code: on XLA:CPU, LLVM's optimisation level changes neither `memory_analysis` (buffer assignment
+# runs before code generation) nor `cost_analysis` (HLO) -- identical numbers for plain and
+# checkpointed 8-block transformer steps -- and each compile takes about 30% less time.
+_ANALYSIS_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+def analysis_options(backend: str | None = None) -> dict[str, Any]:
+  """Extra compiler options for programs that are measured, never run (see ``_ANALYSIS_OPTIONS``)."""
+  return dict(_ANALYSIS_OPTIONS.get(backend or jax.default_backend(), {}))
+
+
 def merge_compiler_options(user: dict[str, Any] | None, backend: str | None = None) -> dict[str, Any]:
   """Our options merged into ``user``'s (pass lists are joined, not replaced).
 

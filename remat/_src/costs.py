@@ -202,7 +202,7 @@ def layer_cache_key(f, p_spec, x_spec, key_spec):
 
 def _profile_cached(key, fn, *args) -> profile_lib.Profile:
   if key not in _CACHE:
-    _CACHE[key] = profile_lib.profile(fn, *args)
+    _CACHE[key] = profile_lib.measure(fn, *args)
   return _CACHE[key]
 
 
@@ -215,10 +215,10 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
   # inside a checkpoint's backward pass.
   # Each copy draws its own key, as layers of a chain do (one key for both
   # would let XLA share their random bits and under-count what a layer keeps).
-  one = profile_lib.profile(reference_step(transform.checkpoint(
+  one = profile_lib.measure(reference_step(transform.checkpoint(
       lambda p, x, k: f(p, x, rng_lib.layer_key(k, 0)))), p_spec, x_spec, key_spec)
   if forward is None:
-    fwd = profile_lib.profile(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
+    fwd = profile_lib.measure(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
     fwd_flops, fwd_temp = fwd.flops, fwd.temp_bytes
   else:  # the same layer under a policy: its forward pass is the same
     fwd_flops, fwd_temp = forward.flops, forward.forward_transient_bytes
@@ -226,7 +226,7 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
     # Two layers with their own parameters: each keeps its own gradient buffer.
     twice = transform.checkpoint(
         lambda ps, x, k: f(ps[1], f(ps[0], x, rng_lib.layer_key(k, 0)), rng_lib.layer_key(k, 1)))
-    two = profile_lib.profile(reference_step(twice), (p_spec, p_spec), x_spec, key_spec)
+    two = profile_lib.measure(reference_step(twice), (p_spec, p_spec), x_spec, key_spec)
     kept = max(two.temp_bytes - one.temp_bytes, 0)
   else:
     # A layer that changes the activation's shape cannot be repeated: estimate

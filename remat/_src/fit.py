@@ -18,18 +18,23 @@ finds. How it works, per input signature:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextvars
 import dataclasses
 import functools
+import logging
 import math
+import os
+import time
 import warnings
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
 from remat._src import budget as budget_lib
 from remat._src import compile as compile_lib
+from remat._src import search as search_lib
 from remat._src import segmenters as seg_lib
 from remat._src import specs
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, make_plan
@@ -37,6 +42,7 @@ from remat._src.profile import Profile
 from remat._src.units import format_bytes, parse_bytes
 
 _API = "`remat.fit`"
+log = logging.getLogger("remat")
 
 
 ### The segmenter
@@ -65,9 +71,15 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
   """
 
   policies: bool = dataclasses.field(default=True, kw_only=True)
-  needs_costs: ClassVar[bool] = True
 
-  def plan(self, costs: Sequence[LayerCost], *, verifier: Verifier | None = None) -> Plan:
+  @property
+  def needs_costs(self) -> bool:
+    """Measured costs are needed while ``remat.fit`` searches (or outside it, to say why not);
+    a step traced with chosen plans (or only to be compiled plain) plans without them."""
+    session = _ACTIVE.get()
+    return session is None or session.measuring
+
+  def plan(self, costs: Sequence[LayerCost] | int, *, verifier: Verifier | None = None) -> Plan:
     session = _ACTIVE.get()
     if session is None:
       raise ValueError(
@@ -75,6 +87,8 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
           "training step to a device's memory: wrap the step, e.g. `step = remat.fit(step, "
           "'16GiB')`, and call or lower that. To bound one chain's memory on its own, use "
           "`remat.segmenters.budget(max_bytes)`.")
+    if isinstance(costs, int) and not session.measuring:
+      return session.plan(costs, None)
     return session.plan(budget_lib._check_costs(costs), verifier)
 
 
@@ -182,29 +196,43 @@ class Fitted:
     self._jit_kwargs = jit_kwargs
     self._jits: dict[Any, Callable] = {}
     self._reports: dict[Any, FitReport] = {}
+    self._executables: dict[Any, Any] = {}
     functools.update_wrapper(self, step)
 
   def __call__(self, *args, **kwargs):
-    return self._jit(self.plans(*args, **kwargs).plans)(*args, **kwargs)
+    key = _signature(args, kwargs)
+    report = self._plans(key, args, kwargs)
+    compiled = self._executables.get(key)
+    if compiled is not None and not self._jit_kwargs.get("static_argnums") and not self._jit_kwargs.get(
+        "static_argnames"):
+      return compiled(*args, **kwargs)  # the executable the search compiled
+    return self._jit(report.plans)(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    """``jax.jit(...).lower`` of the step with the fitted plans."""
-    return self._jit(self.plans(*args, **kwargs).plans).lower(*args, **kwargs)
+    """``jax.jit(...).lower`` of the step with the fitted plans; its ``compile()`` returns the
+    executable the search compiled (no second compile)."""
+    key = _signature(args, kwargs)
+    report = self._plans(key, args, kwargs)
+    return _Lowered(self._jit(report.plans).lower(*args, **kwargs), self._executables.get(key))
 
   def plans(self, *args, **kwargs) -> FitReport:
     """The plans chosen for these arguments (arrays or ``jax.ShapeDtypeStruct``), with compiled numbers."""
-    key = _signature(args, kwargs)
+    return self._plans(_signature(args, kwargs), args, kwargs)
+
+  def _plans(self, key, args, kwargs) -> FitReport:
     if key not in self._reports:
-      self._reports[key] = _Search(self, args, kwargs).run()
+      search = _Search(self, args, kwargs)
+      self._reports[key] = report = search.run()
+      self._executables[key] = search.executables.get(search_lib.roots(report.plans))
     return self._reports[key]
 
-  def _jit(self, plans: tuple[Plan, ...] | None) -> Callable:
-    if plans not in self._jits:
+  def _jit(self, plans: tuple[Plan, ...] | None, measuring: bool = False) -> Callable:
+    if (plans, measuring) not in self._jits:
       step = self._step
 
       @functools.wraps(step)
       def run(*args, **kwargs):
-        session = _Session(plans)
+        session = _Session(plans, measuring)
         token = _ACTIVE.set(session)
         try:
           out = step(*args, **kwargs)
@@ -217,17 +245,35 @@ class Fitted:
         self._last_session = session
         return out
 
-      self._jits[plans] = compile_lib.jit(run, **self._jit_kwargs)
-    return self._jits[plans]
+      self._jits[(plans, measuring)] = compile_lib.jit(run, **self._jit_kwargs)
+    return self._jits[(plans, measuring)]
 
   def _lower(self, plans, args, kwargs):
     """The lowered step under ``plans`` and the session its trace recorded (``None`` if cached)."""
     self._last_session = None
     return self._jit(plans).lower(*args, **kwargs), self._last_session
 
-  def _profile(self, plans, args, kwargs) -> tuple[Profile, _Session]:
-    lowered, session = self._lower(plans, args, kwargs)
-    return Profile.from_compiled(lowered.compile()), session
+  def _measure_chains(self, args, kwargs) -> _Session:
+    """Traces the step (no lowering, no compile) with its chains' costs measured."""
+    self._last_session = None
+    self._jit(None, measuring=True).trace(*args, **kwargs)
+    return self._last_session
+
+
+
+class _Lowered:
+  """``jax.stages.Lowered`` whose ``compile()`` (without options) is the search's executable."""
+
+  def __init__(self, lowered, compiled):
+    self._lowered, self._compiled = lowered, compiled
+
+  def compile(self, *args, **kwargs):
+    if self._compiled is not None and not args and not kwargs:
+      return self._compiled
+    return self._lowered.compile(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self._lowered, name)
 
 
 ### Implementation
@@ -238,23 +284,30 @@ _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("remat
 
 @dataclasses.dataclass
 class _Chain:
-  costs: tuple[LayerCost, ...]
+  costs: tuple[LayerCost, ...] | None  # None: recorded without measuring
   key: Any
+  num_layers: int
 
 
 class _Session:
-  """The ``auto()`` chains one trace of the step calls, and the plans they get (``None``: plain)."""
+  """The ``auto()`` chains one trace of the step calls, and the plans they get (``None``: plain).
 
-  def __init__(self, plans: tuple[Plan, ...] | None):
+  ``measuring``: the chains' costs are measured (the search's plain trace); otherwise chains are
+  recorded by their length only and nothing is measured.
+  """
+
+  def __init__(self, plans: tuple[Plan, ...] | None, measuring: bool = False):
     self.plans = plans
+    self.measuring = measuring and plans is None
     self.records: list[_Chain] = []
 
-  def plan(self, costs: tuple[LayerCost, ...], verifier: Verifier | None) -> Plan:
+  def plan(self, costs: tuple[LayerCost, ...] | int, verifier: Verifier | None) -> Plan:
     i = len(self.records)
-    self.records.append(_Chain(costs, None if verifier is None else verifier.key))
-    n = len(costs)
+    n = costs if isinstance(costs, int) else len(costs)
+    self.records.append(_Chain(None if isinstance(costs, int) else costs,
+                               None if verifier is None else verifier.key, n))
     if self.plans is None:
-      return make_plan(Segment(0, n), costs, n, "auto: plain")
+      return make_plan(Segment(0, n), None if isinstance(costs, int) else costs, n, "auto: plain")
     if i >= len(self.plans) or self.plans[i].num_layers != n:
       raise RuntimeError(
           f"{_API}: the step's `auto()` chain {i} ({n} layers) was not seen when the step was "
@@ -263,26 +316,64 @@ class _Session:
 
 
 class _Search:
-  """The search of one input signature (see the module docstring)."""
+  """The search of one input signature (see the module docstring).
+
+  Lowering (tracing) runs in this thread; compiles run in a thread pool of
+  ``_workers()`` threads (XLA releases the GIL while it compiles), so the
+  plain step and the smallest-memory step compile together, and each round of
+  the verified search compiles its cheapest plausible candidate beside a safe
+  one. Every compiled executable is kept until the search ends; the chosen
+  one is the step's (``Fitted.__call__`` does not compile it again).
+  """
 
   def __init__(self, fitted: Fitted, args, kwargs):
-    self.f, self.args, self.kwargs = fitted, args, kwargs
+    self.fitted, self.args, self.kwargs = fitted, args, kwargs
     self.memory = fitted.memory
     self.compiles = 0
     self.undonated: int | None = None
+    self.fixed_bytes = 0.0
+    self.executables: dict[tuple, Any] = {}
+    self.started = time.perf_counter()
 
-  def compile(self, plans):
+  def start(self, plans, label: str = ""):
+    """Lowers the step under ``plans`` here and compiles it in the pool; returns a waiter for its Profile."""
+    lowered, _ = self.fitted._lower(plans, self.args, self.kwargs)
+    return self.submit(lowered, plans, label)
+
+  def submit(self, lowered, plans, label: str = ""):
     self.compiles += 1
-    return self.f._profile(plans, self.args, self.kwargs)
+    n = self.compiles
+    what = label or (search_lib.describe(plans) if plans else "plain")
+    log.info("%s: compile %d (%s) started at %.1f s", _API, n, what, time.perf_counter() - self.started)
+    future = self.pool.submit(lowered.compile)
+
+    def wait() -> Profile:
+      compiled = future.result()
+      prof = Profile.from_compiled(compiled)
+      self.executables[None if plans is None else search_lib.roots(plans)] = compiled
+      log.info("%s: compile %d (%s): peak %s of %s (%s), %.4g GFLOP, at %.1f s", _API, n, what,
+               _fmt(prof.peak_bytes), _fmt(self.memory), "fits" if prof.peak_bytes <= self.memory else "over",
+               prof.flops / 1e9, time.perf_counter() - self.started)
+      return prof
+    return wait
 
   def run(self) -> FitReport:
-    lowered, session = self.f._lower(None, self.args, self.kwargs)
+    with concurrent.futures.ThreadPoolExecutor(_workers(), thread_name_prefix="remat-fit") as self.pool:
+      try:
+        return self._run()
+      finally:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+  def _run(self) -> FitReport:
+    # The plain step is lowered without measuring anything and compiles while the chains' costs
+    # are measured (a second trace, in this thread).
+    lowered, session = self.fitted._lower(None, self.args, self.kwargs)
     self.refuse_if_arguments_alone_exceed(lowered)
-    self.compiles += 1
-    plain = Profile.from_compiled(lowered.compile())
-    chains = session.records if session is not None else []
+    wait_plain = self.submit(lowered, None, "plain")
+    chains = self.fitted._measure_chains(self.args, self.kwargs).records if session.records else []
     plain_plans = tuple(make_plan(Segment(0, len(c.costs)), c.costs, len(c.costs), "auto: plain")
                         for c in chains)
+    plain = wait_plain()
     if not chains:
       warnings.warn(
           f"{_API}: the step calls no chain built with `remat.segmenters.auto()`, so there is nothing "
@@ -290,115 +381,68 @@ class _Search:
           "fixed segmenter keep their own plans). To let remat.fit choose, build the chain with "
           "`remat.sequential(layers, remat.segmenters.auto())` or `remat.linen.Sequential(blocks, "
           "segmenter=remat.segmenters.auto())` (`remat.nnx.Sequential` likewise).",
-          FitWarning, stacklevel=4)
+          FitWarning, stacklevel=5)
+    self.executables[search_lib.roots(plain_plans)] = self.executables.pop(None)
     if plain.peak_bytes <= self.memory:
       return self.report(plain_plans, plain, plain)
     if not chains:
       raise ValueError(self.too_big(plain, "the step has no `remat.segmenters.auto()` chain to plan"))
-    dps = [budget_lib._BudgetDP(c.costs) for c in chains]
-    smallest, low = self.smallest(dps, chains)
-    if low.peak_bytes > self.memory:
-      raise ValueError(self.too_big(low, f"every `auto()` chain ({len(chains)}) at its smallest-memory "
-                                         "plan"))
-    # Calibrate: step peak = base + scale * (sum of the chains' predicted temp bytes).
-    hi_pred = sum(p.predicted_peak_bytes for p in plain_plans)
-    lo_pred = sum(p.predicted_peak_bytes for p in smallest)
-    scale = (plain.temp_bytes - low.temp_bytes) / (hi_pred - lo_pred) if hi_pred > lo_pred else 1.0
-    scale = scale if scale > 0 else 1.0
-    base = plain.peak_bytes - scale * hi_pred
-    known = {plain_plans: plain, **self.lows}
-    if len(chains) == 1:
-      plans = self.search_one(dps[0], chains[0], base, scale, known)
-    else:
-      plans = self.search_joint(dps, chains, base, scale, known)
-    return self.report(plans, known[plans], plain)
+    known = {plain_plans: plain}
+    costs = [c.costs for c in chains]
+    # The step's peak is modelled as base + (the chains' predicted temp bytes), calibrated at plain;
+    # the search's plausibility ratios absorb the model's error (and a sharded chain's scale).
+    base = plain.peak_bytes - search_lib.predicted(plain_plans)
+    limit = self.memory - base
 
-  def smallest(self, dps, chains) -> tuple[tuple[Plan, ...], Profile]:
-    """The smallest compiled step among low-memory candidates: the model's minimum, checkpoint
-    every layer, and revolve(2) (the model can misjudge nested recomputation of large blocks)."""
+    def start(plans):
+      wait = self.start(plans)
+
+      def value():
+        known[plans] = wait()
+        return known[plans].peak_bytes - base
+      return value
+
+    budget = self.fitted._max_compiles - self.compiles - 1  # one kept for the smallest step
+    if budget < 1:
+      return self.report(*self.smallest(chains, known), plain)
+    try:
+      found = search_lib.verified_search(
+          [budget_lib._BudgetDP(c) for c in costs], costs, limit, start, budget,
+          uniform=search_lib.uniform_options(costs, budget_lib.uniform_plans), name="auto", api=_API,
+          units=_fmt, measured={plain_plans: plain.peak_bytes - base}, low=0.7, high=1.2,
+          workers=_workers(), close=limit - 0.02 * self.memory)
+    except ValueError:  # nothing fitted within the compiles: is anything small enough at all?
+      return self.report(*self.smallest(chains, known), plain)
+    best = found.option
+    if not found.proposed:
+      best = tuple(dataclasses.replace(p, segmenter=f"auto = {p.segmenter}") for p in best)
+      self.executables[search_lib.roots(best)] = self.executables[search_lib.roots(found.option)]
+    return self.report(best, known[found.option], plain)
+
+  def smallest(self, chains, known) -> tuple[tuple[Plan, ...], Profile]:
+    """The low-memory candidates, smallest prediction first, until one fits; raises if none does."""
+    for plans in self.low_options(chains):
+      if plans not in known:
+        known[plans] = self.start(plans)()
+      if known[plans].peak_bytes <= self.memory:
+        return plans, known[plans]
+    low = min(known, key=lambda o: known[o].peak_bytes)
+    raise ValueError(self.too_big(known[low], f"every `auto()` chain ({len(chains)}) at its "
+                                              "smallest-memory plan"))
+
+  def low_options(self, chains) -> list[tuple[Plan, ...]]:
+    """Low-memory candidates, smallest prediction first: the model's minimum, checkpoint every
+    layer, and revolve(2) (the model can misjudge nested recomputation of large blocks)."""
     def plans_of(trees, label):
       return tuple(make_plan(t, c.costs, len(c.costs), label) for t, c in zip(trees, chains, strict=True))
 
-    options = [plans_of([dp.min_peak_tree() for dp in dps], "auto: smallest predicted")]
+    options = [plans_of([budget_lib._BudgetDP(c.costs).min_peak_tree() for c in chains],
+                        "auto: smallest predicted")]
     for seg in (seg_lib.every(1), seg_lib.revolve(2)):
       options.append(plans_of([seg.plan(len(c.costs)).root for c in chains], f"auto: {seg!r}"))
-    options = list({tuple(p.root for p in o): o for o in options}.values())
-    options.sort(key=lambda o: sum(p.predicted_peak_bytes for p in o))
-    self.lows: dict[tuple[Plan, ...], Profile] = {}
-    for plans in options:
-      self.lows[plans] = self.compile(plans)[0]
-      fits = min(q.peak_bytes for q in self.lows.values()) <= self.memory
-      if self.compiles >= self.f._max_compiles or (fits and len(self.lows) >= 2):
-        break
-    best = min(self.lows, key=lambda o: self.lows[o].peak_bytes)
-    return best, self.lows[best]
-
-  def search_one(self, dp, chain, base, scale, known) -> tuple[Plan, ...]:
-    """One chain: ``budget``'s verified search, with the whole step as the verifier."""
-    by_root = {p[0].root: p for p in known}
-
-    limit = int(math.floor((self.memory - base) / scale))
-
-    def temp(plan):  # the step's peak in the chain's predicted units: <= limit iff it fits
-      if plan.root not in by_root:
-        plans = (plan,)
-        known[plans] = self.compile(plans)[0]
-        by_root[plan.root] = plans
-      over = known[by_root[plan.root]].peak_bytes - self.memory
-      return limit + (math.ceil(over / scale) if over > 0 else -math.floor(-over / scale))
-    extra = [p for (p,) in known]  # compiled already: reused, not compiled again
-    budget = self.f._max_compiles - self.compiles
-    try:
-      # The step's peak is calibrated at two plans only: allow larger misses than `budget` does.
-      plan = budget_lib.verified_search(dp, chain.costs, limit, temp, budget, name="auto", api=_API,
-                                        extra=extra, low=0.7)
-    except ValueError:  # out of compiles before anything fitted: the smallest plan does (step 2)
-      return min((p for p in known if known[p].peak_bytes <= self.memory), key=_flops)
-    plans = (dataclasses.replace(plan, compiled_temp_bytes=None),)
-    known[plans] = known[by_root[plan.root]]
-    return plans
-
-  def search_joint(self, dps, chains, base, scale, known) -> tuple[Plan, ...]:
-    """Several chains share the memory: a joint frontier, re-aimed by each compiled peak, and the
-    uniform plans applied to every chain as verified candidates (never worse than uniform).
-
-    As ``budget``'s verified search, the cheapest plausible candidate is compiled first: a
-    prediction is plausible if ``low`` times it fits, ``low`` the lowest compiled/predicted ratio
-    seen (0.7 to start: the step is calibrated at two plans only)."""
-    best = min((p for p in known if known[p].peak_bytes <= self.memory), key=_flops)
-    avail = (self.memory - base) / scale
-    uniform = _uniform_tuples(chains)
-    low, aiming = 0.7, True
-
-    def predicted(plans):
-      return sum(p.predicted_peak_bytes or 0 for p in plans)
-
-    while self.compiles < self.f._max_compiles:
-      joint = _joint_plans(dps, chains, avail) if aiming else None
-      if joint is not None and joint in known:
-        joint, aiming = None, False
-      options = [u for u in uniform if u not in known and low * predicted(u) <= avail]
-      options += [joint] if joint is not None else []
-      options = [o for o in options if _flops(o) < _flops(best)]
-      if not options:
-        break
-      cand = min(options, key=lambda o: (_flops(o), predicted(o)))
-      prof = known[cand] = self.compile(cand)[0]
-      if predicted(cand) > 0:
-        low = min(low, max((prof.peak_bytes - base) / scale, 0.0) / predicted(cand))
-      if prof.peak_bytes <= self.memory:
-        best = cand
-        if cand is joint:
-          if prof.peak_bytes >= 0.98 * self.memory:
-            aiming = False
-          avail += (self.memory - prof.peak_bytes) / scale
-      elif cand is joint:
-        avail -= (prof.peak_bytes - self.memory) / scale
-    if best in uniform:
-      labelled = tuple(dataclasses.replace(p, segmenter=f"auto = {p.segmenter}") for p in best)
-      known[labelled] = known[best]
-      best = labelled
-    return best
+    options = list({search_lib.roots(o): o for o in options}.values())
+    options.sort(key=search_lib.predicted)
+    return options
 
   def report(self, plans, prof, plain) -> FitReport:
     return FitReport(memory=self.memory, plans=plans, profile=prof, plain_profile=plain,
@@ -446,7 +490,7 @@ class _Search:
     # At most the outputs can live in donated buffers.
     donated_bytes = min(out_bytes, sum(specs.device_bytes(x)  # unknown layouts: whole, an upper bound
                                        for x, d in zip(leaves, donated, strict=True) if d))
-    fixed = args_bytes + out_bytes - donated_bytes
+    fixed = self.fixed_bytes = args_bytes + out_bytes - donated_bytes
     if fixed > self.memory:
       raise ValueError(
           f"{_API}: the step cannot fit {_fmt(self.memory)} per device: its arguments "
@@ -456,46 +500,9 @@ class _Search:
           f"the step once, without compiling). {self.advice()}")
 
 
-def _joint_plans(dps, chains, avail: float, m_max: int = 2048) -> tuple[Plan, ...] | None:
-  """The cheapest plans whose predicted temp bytes sum to at most ``avail`` (min-plus over frontiers)."""
-  if avail <= 0:
-    return None
-  fronts = [dp.frontier(avail, m_max) for dp in dps]
-  total = fronts[0][0]
-  splits = []
-  for flops, _ in fronts[1:]:
-    new = np.full(m_max + 1, np.inf)
-    arg = np.zeros(m_max + 1, dtype=np.int64)
-    for a in range(m_max + 1):
-      if not np.isfinite(total[a]):
-        continue
-      cand = total[a] + flops[:m_max + 1 - a]
-      better = cand < new[a:]
-      new[a:] = np.where(better, cand, new[a:])
-      arg[a:] = np.where(better, a, arg[a:])
-    splits.append(arg)
-    total = new
-  if not np.isfinite(total[m_max]):
-    return None
-  ms, m = [], m_max
-  for arg in reversed(splits):
-    a = int(arg[m])
-    ms.append(m - a)
-    m = a
-  ms.append(m)
-  ms.reverse()
-  return tuple(make_plan(tree_at(m), c.costs, len(c.costs), "auto")
-               for (_, tree_at), m, c in zip(fronts, ms, chains, strict=True))
-
-
-def _uniform_tuples(chains) -> list[tuple[Plan, ...]]:
-  """Each uniform plan (``budget_lib.uniform_plans``) applied to every chain alike."""
-  per = [{p.segmenter: p for p in budget_lib.uniform_plans(c.costs)} for c in chains]
-  return [tuple(d[label] for d in per) for label in per[0] if all(label in d for d in per[1:])]
-
-
-def _flops(plans) -> float:
-  return sum(p.predicted_flops or 0.0 for p in plans)
+def _workers() -> int:
+  """Compiles run at once: two where the machine has two cores (XLA's own compile uses about 1.5)."""
+  return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def _signature(args, kwargs) -> Any:

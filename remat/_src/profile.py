@@ -109,6 +109,10 @@ def _dims(t) -> str:
 
 def compile_fn(fn: Callable, *args, **kwargs):
   """Lower and compile ``fn`` (jitted or not) with ``remat.compiler_options()``."""
+  return _compile(fn, args, kwargs, analysis=False)
+
+
+def _compile(fn: Callable, args, kwargs, *, analysis: bool):
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   with compile_lib.compiling_with_options():  # checkpoints traced here get the options: no warning
     lowered = jitted.lower(*args, **kwargs)
@@ -117,7 +121,15 @@ def compile_fn(fn: Callable, *args, **kwargs):
   # function from ``remat.jit`` already carries them, merging is idempotent.
   opts = compile_lib.merge_compiler_options(
       compat.lowered_compiler_options(lowered), backend)
+  if analysis:
+    opts = {**compile_lib.analysis_options(backend), **opts}
   return lowered.compile(opts), backend
+
+
+def measure(fn: Callable, *args) -> Profile:
+  """``profile`` of a program compiled only to be measured, never run: where XLA's code generator
+  does not change the numbers (``compile.analysis_options``), it skips its optimisations."""
+  return profile_compiled(*_compile(fn, args, {}, analysis=True))
 
 
 def profile(fn: Callable, *args, **kwargs) -> Profile:

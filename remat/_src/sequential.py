@@ -171,7 +171,7 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
 
 def _compiled_temp(plan, layers, p_spec, x_spec, k_spec) -> int:
   run = lambda ps, x, k: execute.apply_plan(plan, layers, ps, x, k)  # noqa: E731
-  return profile_lib.profile(costs_lib.reference_step(run), p_spec, x_spec, k_spec).temp_bytes
+  return profile_lib.measure(costs_lib.reference_step(run), p_spec, x_spec, k_spec).temp_bytes
 
 
 def plain_plan(num_layers: int) -> Plan:
