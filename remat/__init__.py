@@ -4,6 +4,7 @@ from remat import linen, nnx, offload, rng, segmenters
 from remat._src.compile import CpuFlagsWarning, compiler_options, jit
 from remat._src.fit import FitReport, Fitted, FitWarning, fit
 from remat._src.plan import Plan
+from remat._src.plan_cache import PlanCacheWarning, plan_cache_dir, set_plan_cache_dir
 from remat._src.profile import Profile, Residual, profile, saved_residuals
 from remat._src.sequential import sequential
 from remat._src.transform import RecomputationMismatchError, checkpoint
@@ -19,6 +20,7 @@ __all__ = [
     "FitWarning",
     "Fitted",
     "Plan",
+    "PlanCacheWarning",
     "Profile",
     "RecomputationMismatchError",
     "Residual",
@@ -29,9 +31,11 @@ __all__ = [
     "linen",
     "nnx",
     "offload",
+    "plan_cache_dir",
     "profile",
     "rng",
     "saved_residuals",
     "segmenters",
     "sequential",
+    "set_plan_cache_dir",
 ]

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from remat._src import offload as offload_lib
+from remat._src import plan_cache
 from remat._src import search as search_lib
 from remat._src import segmenters as seg_lib
 from remat._src.plan import (LayerCost, Plan, Segment, Verifier, backward_transient, forward_peak, leaf,
@@ -143,12 +144,33 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
           "the default of `jax.make_mesh`) or fit the whole step with `remat.fit`.",
           GlobalShapesWarning, stacklevel=2)
     if cache_key not in _VERIFIED:
-      dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
-                     backend=backend)
-      plan = verified_search(dp, costs, self.max_bytes, verifier.temp_bytes, self.max_compiles,
-                             name=repr(self), api=self._call())
+      material = {"budget": repr(self), "chain": verifier.key, "backend": backend}
+      plan = self._from_disk(material, verifier)
+      if plan is None:
+        dp = _BudgetDP(costs, offload_candidates(costs, self.offload, backend=backend), self.offload,
+                       backend=backend)
+        plan = verified_search(dp, costs, self.max_bytes, verifier.temp_bytes, self.max_compiles,
+                               name=repr(self), api=self._call())
+        plan_cache.store("budget", material, plan_cache.encode_plan(plan))
       _VERIFIED[cache_key] = plan
     return _VERIFIED[cache_key]
+
+  def _from_disk(self, material, verifier: Verifier) -> Plan | None:
+    """The persistent cache's plan for this chain, compiled once more: used only if it still fits."""
+    value = plan_cache.load("budget", material)
+    if value is None:
+      return None
+    try:
+      plan = plan_cache.decode_plan(value)
+    except (KeyError, TypeError, ValueError) as e:
+      plan_cache.warn_unusable("budget", material, f"does not decode ({type(e).__name__}: {e})")
+      return None
+    temp = int(verifier.temp_bytes(plan))
+    if temp > self.max_bytes:
+      plan_cache.log.info("%s: the cached plan compiles to %d bytes, over the budget; searching",
+                          self._call(), temp)
+      return None
+    return dataclasses.replace(plan, compiled_temp_bytes=temp)
 
 
 def uniform_plans(costs: Sequence[LayerCost]) -> list[Plan]:

@@ -29,6 +29,10 @@ Where each name lives (the same in jax 0.10.2, 0.11.2 and 0.12.0.1, flax 0.12.8 
 * A ``Lowered``'s compiler options and platform: ``Lowered._lowering``'s
   ``_compiler_options_kvs`` and ``_platforms``. Without them ``remat.profile``
   uses our options alone and the default backend.
+* ``global_state.client`` (``jax._src.distributed``): the key-value store of a
+  ``jax.distributed`` job, through which process 0 hands ``remat.fit``'s plans
+  to the others. Without it every process searches on its own (each reads the
+  plan cache first), and ``remat.fit`` warns once.
 * ``resolve_kwargs``: ``flax.nnx.transforms.transforms``; else a copy here.
 * ``update_context`` (``flax.nnx``, public; ``flax.nnx.graphlib``),
   ``split_inputs`` and ``merge_inputs`` (``flax.nnx.transforms.general``).
@@ -254,6 +258,18 @@ def lowered_platform(lowered) -> str:
   except (TypeError, IndexError, KeyError):
     return jax.default_backend()
   return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+### jax: the distributed key-value store (one plan per jax.distributed job)
+
+
+def distributed_client() -> Any:
+  """The ``jax.distributed`` client with ``key_value_set`` / ``blocking_key_value_get``, or None."""
+  state = _find(("jax._src.distributed", "global_state"))
+  client = getattr(state, "client", None)
+  if client is None or not hasattr(client, "key_value_set") or not hasattr(client, "blocking_key_value_get"):
+    return None
+  return client
 
 
 ### flax.nnx: the graph-mode split/merge composition of `nnx.remat`

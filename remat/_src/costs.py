@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from remat._src import compile as compile_lib
+from remat._src import plan_cache
 from remat._src import policies as policies_lib
 from remat._src import profile as profile_lib
 from remat._src import rng as rng_lib
@@ -101,7 +102,20 @@ def measure_costs(layers: Sequence[Callable], params: Sequence[Any], x: Any,
         f"`remat.segmenters.measure_costs` got {len(layers)} layers but {len(params)} parameter "
         "entries; pass one parameter pytree per layer (an empty tuple for parameterless layers).")
   with compile_lib.compiling_with_options():  # measuring traces and compiles are remat's own
-    return _measure_costs(layer_callers(layers), params, x, key, policies)
+    material = None
+    if plan_cache.plan_cache_dir() is not None:  # the persistent cache, keyed by the layers' jaxprs
+      material = {"chain": chain_key(layers, specs.spec(tuple(params)), specs.spec(x), specs.spec(key)),
+                  "policies": policies if isinstance(policies, bool) else list(policies)}
+      cached = plan_cache.load("costs", material)
+      if cached is not None:
+        try:
+          return tuple(plan_cache.decode_cost(c) for c in cached)
+        except (KeyError, TypeError, ValueError) as e:
+          plan_cache.warn_unusable("costs", material, f"does not decode ({type(e).__name__}: {e})")
+    out = _measure_costs(layer_callers(layers), params, x, key, policies)
+    if material is not None:
+      plan_cache.store("costs", material, [plan_cache.encode_cost(c) for c in out])
+    return out
 
 
 def _measure_costs(callers, params, x, key, policies) -> tuple[LayerCost, ...]:

@@ -22,6 +22,9 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import functools
+import hashlib
+import itertools
+import json
 import logging
 import math
 import os
@@ -33,7 +36,9 @@ import jax
 import numpy as np
 
 from remat._src import budget as budget_lib
+from remat._src import compat
 from remat._src import compile as compile_lib
+from remat._src import plan_cache
 from remat._src import search as search_lib
 from remat._src import segmenters as seg_lib
 from remat._src import specs
@@ -43,6 +48,8 @@ from remat._src.units import format_bytes, parse_bytes
 
 _API = "`remat.fit`"
 log = logging.getLogger("remat")
+_SEARCHES = itertools.count()  # the n-th search of this process: the same n on every process of a job
+_TIMEOUT_S = float(os.environ.get("REMAT_FIT_TIMEOUT", 3600))  # how long processes wait for process 0
 
 
 ### The segmenter
@@ -333,6 +340,7 @@ class _Search:
     self.undonated: int | None = None
     self.fixed_bytes = 0.0
     self.executables: dict[tuple, Any] = {}
+    self.programs: dict[tuple, str] = {}  # the hash of each lowered program, by its plans' roots
     self.started = time.perf_counter()
 
   def start(self, plans, label: str = ""):
@@ -341,6 +349,7 @@ class _Search:
     return self.submit(lowered, plans, label)
 
   def submit(self, lowered, plans, label: str = ""):
+    self.programs[None if plans is None else search_lib.roots(plans)] = _program_hash(lowered)
     self.compiles += 1
     n = self.compiles
     what = label or (search_lib.describe(plans) if plans else "plain")
@@ -358,11 +367,96 @@ class _Search:
     return wait
 
   def run(self) -> FitReport:
+    """The plan cache first; else the search. In a ``jax.distributed`` job, process 0 does that and
+    hands its plans to the others through the job's key-value store; they compile only those."""
+    material = self.material()
+    client = compat.distributed_client() if jax.process_count() > 1 else None
+    if jax.process_count() > 1 and client is None:
+      compat.warn_once("fit-kv", f"{_API}: this jax has no distributed key-value store here, so every "
+                       "process searches on its own (each reads the plan cache first).")
+    slot = f"remat/fit/{next(_SEARCHES)}"
     with concurrent.futures.ThreadPoolExecutor(_workers(), thread_name_prefix="remat-fit") as self.pool:
       try:
-        return self._run()
+        if client is not None and jax.process_index() != 0:
+          return self.receive(client, slot, material)
+        try:
+          report = self.from_cache(material)
+          if report is None:
+            report = self._run()
+            plan_cache.store("fit", material, self.entry(report))
+        except Exception as e:
+          if client is not None:  # the other processes raise too, instead of waiting
+            client.key_value_set(slot, json.dumps({"error": f"{type(e).__name__}: {e}"}))
+          raise
+        if client is not None:
+          client.key_value_set(slot, json.dumps({"material": plan_cache.key("fit", material)[0],
+                                                 **self.entry(report)}))
+        return report
       finally:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+  def material(self) -> dict[str, Any]:
+    """What decides the plans besides the environment (``plan_cache.environment``)."""
+    step = self.fitted._step
+    return {"step": f"{getattr(step, '__module__', '')}.{getattr(step, '__qualname__', type(step).__name__)}",
+            "signature": _portable_signature(self.args, self.kwargs), "memory": self.memory,
+            "max_compiles": self.fitted._max_compiles, "jit": repr(sorted(self.fitted._jit_kwargs.items()))}
+
+  def entry(self, report: FitReport) -> dict[str, Any]:
+    return {"program": self.programs[search_lib.roots(report.plans)],
+            "plans": [plan_cache.encode_plan(p) for p in report.plans],
+            "profile": plan_cache.encode_profile(report.profile),
+            "plain_profile": plan_cache.encode_profile(report.plain_profile), "compiles": report.compiles}
+
+  def from_cache(self, material) -> FitReport | None:
+    value = plan_cache.load("fit", material)
+    if value is None:
+      return None
+    try:
+      plans = tuple(plan_cache.decode_plan(p) for p in value["plans"])
+      plain = plan_cache.decode_profile(value["plain_profile"])
+      program = str(value["program"])
+    except (KeyError, TypeError, ValueError) as e:
+      plan_cache.warn_unusable("fit", material, f"does not decode ({type(e).__name__}: {e})")
+      return None
+    report, why = self.compile_given(plans, program, plain)
+    if report is None:
+      log.info("%s: the cached plans are not used (%s); searching", _API, why)
+    return report
+
+  def compile_given(self, plans, program: str, plain: Profile) -> tuple[FitReport | None, str]:
+    """Compiles the step under ``plans`` (made elsewhere) if it is the program they were made for."""
+    lowered, _ = self.fitted._lower(plans, self.args, self.kwargs)
+    if _program_hash(lowered) != program:
+      return None, "the step's program is not the one they were made for"
+    prof = self.submit(lowered, plans, "cached plans")()
+    if prof.peak_bytes > self.memory:
+      return None, f"the step compiles to {_fmt(prof.peak_bytes)}, over {_fmt(self.memory)}"
+    return self.report(plans, prof, plain), ""
+
+  def receive(self, client, slot: str, material) -> FitReport:
+    me = jax.process_index()
+    log.info("%s: process %d waits for process 0's plans (%s)", _API, me, slot)
+    try:
+      payload = json.loads(client.blocking_key_value_get(slot, int(_TIMEOUT_S * 1000)))
+    except Exception as e:
+      raise RuntimeError(f"{_API}: process {me} waited {_TIMEOUT_S:.0f} s for process 0's plans ({slot}) "
+                         f"and got none ({type(e).__name__}: {e}). Every process must call the fitted "
+                         "step with the same shapes, in the same order.") from e
+    if "error" in payload:
+      raise ValueError(f"{_API}: process 0 failed to plan the step: {payload['error']}")
+    if payload.get("material") != plan_cache.key("fit", material)[0]:
+      raise ValueError(
+          f"{_API}: process {me} traced a different step than process 0 (other shapes, shardings, "
+          f"memory or software: {_portable_signature(self.args, self.kwargs)[:300]}). Every process of "
+          "a jax.distributed job must call the fitted step with the same global shapes and options.")
+    plans = tuple(plan_cache.decode_plan(p) for p in payload["plans"])
+    report, why = self.compile_given(plans, payload["program"], plan_cache.decode_profile(
+        payload["plain_profile"]))
+    if report is None:
+      raise ValueError(f"{_API}: process {me} cannot use process 0's plans: {why}. Every process must "
+                       "trace the same step.")
+    return report
 
   def _run(self) -> FitReport:
     # The plain step is lowered without measuring anything and compiles while the chains' costs
@@ -383,6 +477,7 @@ class _Search:
           "segmenter=remat.segmenters.auto())` (`remat.nnx.Sequential` likewise).",
           FitWarning, stacklevel=5)
     self.executables[search_lib.roots(plain_plans)] = self.executables.pop(None)
+    self.programs[search_lib.roots(plain_plans)] = self.programs.pop(None)
     if plain.peak_bytes <= self.memory:
       return self.report(plain_plans, plain, plain)
     if not chains:
@@ -417,6 +512,7 @@ class _Search:
     if not found.proposed:
       best = tuple(dataclasses.replace(p, segmenter=f"auto = {p.segmenter}") for p in best)
       self.executables[search_lib.roots(best)] = self.executables[search_lib.roots(found.option)]
+      self.programs[search_lib.roots(best)] = self.programs[search_lib.roots(found.option)]
     return self.report(best, known[found.option], plain)
 
   def smallest(self, chains, known) -> tuple[tuple[Plan, ...], Profile]:
@@ -498,6 +594,24 @@ class _Search:
           f"less what donation can reuse ({_fmt(donated_bytes)}), already hold {_fmt(fixed)} for the "
           "whole step, before any activation; recomputation cannot lower that (found by lowering "
           f"the step once, without compiling). {self.advice()}")
+
+
+def _program_hash(lowered) -> str:
+  """Identifies a lowered step: the hash of its StableHLO text."""
+  return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+def _portable_signature(args, kwargs) -> str:
+  """``_signature`` as text that is the same in every process (no object ids)."""
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  parts = [str(treedef)]
+  for x in leaves:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+      sharding, weak = getattr(x, "sharding", None), getattr(x, "weak_type", False)
+      parts.append(f"{tuple(x.shape)}:{x.dtype}:{sharding}:{weak}")
+    else:
+      parts.append(f"{type(x).__name__}:{x!r}"[:200])
+  return "|".join(parts)
 
 
 def _workers() -> int:
