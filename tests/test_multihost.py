@@ -50,3 +50,25 @@ def test_the_multihost_example_plans_once_and_every_process_runs_that_plan(tmp_p
   plan1, loss1 = rest1.rsplit(" ", 1)
   assert plan0 == plan1 and "checkpoint=True" in plan0  # one plan, and it recomputes
   assert loss0 == loss1
+
+
+@pytest.mark.slow
+def test_a_process_that_traces_another_step_gets_an_error_not_a_hang(tmp_path):
+  other = 'remat.fit(step, "4MiB" if jax.process_index() == 0 else "5MiB"'
+  src = example().replace('remat.fit(step, "4MiB"', other)
+  src = src.split("ws, loss = fitted(ws, x)")[0] + "print('planned', jax.process_index(), report.compiles)\n"
+  assert "5MiB" in src
+  script = tmp_path / "train.py"
+  script.write_text(src)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "REMAT_CACHE_DIR": "",
+         "JAX_PLATFORMS": "cpu"}
+  port = str(free_port())
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), "2", port], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    _, err1 = procs[1].communicate(timeout=300)
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[1].returncode != 0
+  assert "traced a different step than process 0" in err1 and "same global shapes" in err1, err1[-2000:]

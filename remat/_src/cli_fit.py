@@ -10,6 +10,7 @@ length) that fits is searched, for ``remat.fit`` and for plain backprop.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from typing import Any, Callable
 
@@ -135,13 +136,19 @@ def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
 
   memory = args.memory
   model = load()
-  bar = make_progress(1, not args.no_progress)
+  bar = make_progress(12, not args.no_progress)  # one step per compile of the search (at most 12)
   bar.set_description(f"fitting to {format_bytes(memory)}")
+  logger, handler = logging.getLogger("remat"), _CompileProgress(bar)
+  level = logger.level
+  logger.setLevel(logging.INFO)
+  logger.addHandler(handler)
   try:
     report, failure = fit_report(model, memory), None
   except ValueError as e:
     report, failure = None, e
-  bar.update(1)
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
   bar.close()
   print(f"\n{model.description} on {jax.default_backend()}; memory {format_bytes(memory)} per device "
         "(parameters, Adam state, batch, gradients and activations)\n")
@@ -161,6 +168,20 @@ def cmd_fit(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     return 0 if report is not None else 1
   print()
   return _search_sizes(args, model, memory, load, report is not None)
+
+
+class _CompileProgress(logging.Handler):
+  """Advances the progress bar as each compile of remat.fit's search ends (the 'remat' logger)."""
+
+  def __init__(self, bar):
+    super().__init__(logging.INFO)
+    self.bar = bar
+
+  def emit(self, record: logging.LogRecord) -> None:
+    msg = record.getMessage()
+    if msg.startswith("`remat.fit`: compile ") and ": peak " in msg:
+      self.bar.set_description(msg[len("`remat.fit`: "):].split(": peak ")[0][:60])
+      self.bar.update(1)
 
 
 def _search_sizes(args, model, memory, load, fitted: bool) -> int:

@@ -168,10 +168,13 @@ def _policy_costs(f, p_spec, x_spec, key_spec, y_spec, tape: LayerCost, wanted=N
     options = [o for o in options if not any(
         kept_of[q] <= kept_of[o] and lowered_flops(q) <= lowered_flops(o)
         and (kept_of[q], lowered_flops(q)) != (kept_of[o], lowered_flops(o)) for q in options)]
+  # The working set and flops of each from one compile of the layer taped under the policy.
+  todo = [o for o in options if ("policy", ck[1], o) not in _CACHE]
+  for option, prof in zip(todo, profile_lib.measure_all(
+      [(reference_step(under(o)), (p_spec, x_spec, key_spec)) for o in todo]), strict=True):
+    _CACHE[("policy", ck[1], option)] = prof
   for option in options:
-    # The working set and flops from one compile of the layer taped under the policy.
-    one = _profile_cached(("policy", ck[1], option), reference_step(under(option)), p_spec, x_spec,
-                          key_spec)
+    one = _CACHE[("policy", ck[1], option)]
     # (When the layer's forward pass peaks higher than its backward, this over-states the
     # backward's working set: predictions of such options run 10-20% high; verification holds.)
     kept = kept_of[option]
@@ -214,12 +217,6 @@ def layer_cache_key(f, p_spec, x_spec, key_spec):
   return str(jax.make_jaxpr(f)(p_spec, x_spec, key_spec)) + specs.describe((p_spec, x_spec, key_spec))
 
 
-def _profile_cached(key, fn, *args) -> profile_lib.Profile:
-  if key not in _CACHE:
-    _CACHE[key] = profile_lib.measure(fn, *args)
-  return _CACHE[key]
-
-
 def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
                  forward: LayerCost | None = None):
   ck = (layer_cache_key(f, p_spec, x_spec, key_spec), cache_suffix)
@@ -229,19 +226,24 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
   # inside a checkpoint's backward pass.
   # Each copy draws its own key, as layers of a chain do (one key for both
   # would let XLA share their random bits and under-count what a layer keeps).
-  one = profile_lib.measure(reference_step(transform.checkpoint(
-      lambda p, x, k: f(p, x, rng_lib.layer_key(k, 0)))), p_spec, x_spec, key_spec)
+  jobs = [(reference_step(transform.checkpoint(lambda p, x, k: f(p, x, rng_lib.layer_key(k, 0)))),
+           (p_spec, x_spec, key_spec))]
   if forward is None:
-    fwd = profile_lib.measure(lambda p, x, k: f(p, x, k), p_spec, x_spec, key_spec)
-    fwd_flops, fwd_temp = fwd.flops, fwd.temp_bytes
-  else:  # the same layer under a policy: its forward pass is the same
-    fwd_flops, fwd_temp = forward.flops, forward.forward_transient_bytes
+    jobs.append((lambda p, x, k: f(p, x, k), (p_spec, x_spec, key_spec)))
   if _same_structure(x_spec, y_spec):
     # Two layers with their own parameters: each keeps its own gradient buffer.
     twice = transform.checkpoint(
         lambda ps, x, k: f(ps[1], f(ps[0], x, rng_lib.layer_key(k, 0)), rng_lib.layer_key(k, 1)))
-    two = profile_lib.measure(reference_step(twice), (p_spec, p_spec), x_spec, key_spec)
-    kept = max(two.temp_bytes - one.temp_bytes, 0)
+    jobs.append((reference_step(twice), ((p_spec, p_spec), x_spec, key_spec)))
+  measured = profile_lib.measure_all(jobs)
+  one = measured[0]
+  if forward is None:
+    fwd = measured[1]
+    fwd_flops, fwd_temp = fwd.flops, fwd.temp_bytes
+  else:  # the same layer under a policy: its forward pass is the same
+    fwd_flops, fwd_temp = forward.flops, forward.forward_transient_bytes
+  if _same_structure(x_spec, y_spec):
+    kept = max(measured[-1].temp_bytes - one.temp_bytes, 0)
   else:
     # A layer that changes the activation's shape cannot be repeated: estimate
     # what it keeps as its output plus the non-argument residuals jax lists.
