@@ -429,7 +429,8 @@ def test_fit_prints_the_plan_and_the_largest_batch(capsys):
   assert rc == 0, out
   assert "Plan:" in out and "checkpoint [" in out and "remat.fit" in out
   # The progress of the search: a line per compile (a tqdm bar without --no-progress).
-  assert "[1/12] fitting to 1.00 MiB" in out and "[1/12] compile 1 (plain)" in out and "[2/12] compile 2" in out
+  assert "[1/12] fitting to 1.00 MiB" in out
+  assert "[1/12] compile 1 (plain)" in out and "[2/12] compile 2" in out
   row = next(line for line in out.splitlines() if line.startswith("| largest batch"))
   plain_max, fit_max = (int(c) for c in row.split("|")[2:4])
   assert fit_max > plain_max >= 1

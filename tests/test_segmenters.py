@@ -176,6 +176,74 @@ def test_budget_dp_matches_brute_force(layers, frac):
   assert S.budget(lo).plan(c).predicted_peak_bytes == lo
 
 
+def all_trees_with(i, j, free, dead, tapes, boundaries):
+  """``all_trees`` with each taped layer under each of its ``tapes`` and, at the ``boundaries``,
+  checkpoints whose stored input is offloaded (the DP's whole grammar)."""
+  out = []
+  rests = all_trees_with(i + 1, j, False, dead, tapes, boundaries) if j > i + 1 else [[]]
+  for policy in tapes[i]:
+    for r in rests:
+      out.append([Segment(i, i + 1, policy=policy)] + r)
+  for k in range(i + 1, j + 1):
+    if free and k == j:
+      continue
+    for inner in all_trees_with(i, k, True, True, tapes, boundaries):
+      for off in (False, True) if (not free and k < j and i in boundaries) else (False,):
+        seg = Segment(i, k, tuple(inner) if len(inner) > 1 or inner[0].policy else (), True, off)
+        for r in (all_trees_with(k, j, False, dead, tapes, boundaries) if k < j else [[]]):
+          out.append([seg] + r)
+  return out
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+    layers=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 12), st.integers(0, 8), st.integers(1, 9),
+                              st.booleans()), min_size=1, max_size=4),
+    frac=st.floats(0.0, 1.0), offload=st.booleans())
+def test_budget_dp_matches_brute_force_with_policies_and_offload(layers, frac, offload):
+  """Per-layer policies (keep less, recompute part of the forward) and offloaded checkpoints (on a
+  backend that executes offload): the DP's cheapest tree within a budget is the brute force's."""
+  import dataclasses
+
+  from remat._src.budget import _BudgetDP
+
+  def layer(a, k, w, f, has_policy):
+    c = lc(a * 100, k * 100, w * 100, f * 1e6)
+    if has_policy:  # keeps half, recomputes 30% more of its step
+      c = dataclasses.replace(c, policies=(("dots", dataclasses.replace(
+          c, kept_bytes=c.kept_bytes // 2, step_flops=c.step_flops * 1.3)),))
+    return c
+
+  c = tuple(layer(*spec) for spec in layers)
+  n = len(c)
+  policy = remat.offload.host(min_bytes=0) if offload else None
+  boundaries = S.offload_candidates(c, policy, backend="gpu")
+  dp = _BudgetDP(c, boundaries, policy, backend="gpu")
+  tapes = [[None] + [name for name, _ in x.policies] for x in c]
+
+  def price(plan):  # the DP's objective: flops, and the exposed transfer time of each offload
+    offloaded = []
+
+    def walk(s):
+      if s.offload:
+        offloaded.append((s.start, s.stop))
+      for ch in s.children:
+        walk(ch)
+    walk(plan.root)
+    return plan.predicted_flops + sum(dp.offload_cost(i, k) for i, k in offloaded)
+
+  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, segmenter="")
+           for t in all_trees_with(0, n, True, False, tapes, set(boundaries))]
+  lo = min(p.predicted_peak_bytes for p in plans)
+  hi = max(p.predicted_peak_bytes for p in plans)
+  assert dp.min_peak() == lo
+  b = int(lo + frac * (hi - lo))
+  best = min(price(p) for p in plans if p.predicted_peak_bytes <= b)
+  got = Plan.from_tree(dp.solve(b), c, segmenter="")
+  assert got.predicted_peak_bytes <= b
+  assert price(got) == pytest.approx(best, rel=1e-9)
+
+
 def test_budget_on_a_long_uniform_chain_beats_uniform_segmentations():
   c = [lc(1 << 20, 1 << 20, 1 << 19, 1e9)] * 48
   for seg in (S.every(4), S.sqrt(), S.multilevel(2), S.revolve(4)):

@@ -271,22 +271,65 @@ def offload_candidates(costs: Sequence[LayerCost], offload: Any, *,
 ### Budget dynamic program
 
 
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+  """One way to run the head of a sub-chain ``[i, j)``, and what it leaves to sub-problems.
+
+  The value of a choice composes one way for every question the program asks
+  (the smallest peak; the fewest flops at each budget):
+
+  * ``floor``: byte amounts whose sum the head's own phases peak at (kept
+    apart so that the frontier quantises each as before);
+  * ``flops``: the head's own flops (its forward and backward, or the
+    recomputing forward of a checkpoint, plus a transfer's exposed time);
+  * ``inner`` / ``rest``: sub-problems ``(start, stop, free, dead)`` that run
+    with ``inner_shift`` / ``rest_shift`` more bytes held (``None``: none).
+
+  Peak: ``max(sum(floor), inner_shift + peak(inner), rest_shift + peak(rest))``.
+  Flops at budget ``m``: ``flops + F(inner)[m - inner_shift] + F(rest)[m - rest_shift]``
+  where ``m >= sum(floor)``, else infeasible.
+  """
+
+  code: int
+  floor: tuple[float, ...]
+  flops: float
+  inner: tuple | None = None
+  inner_shift: float = 0.0
+  rest: tuple | None = None
+  rest_shift: float = 0.0
+
+
 class _BudgetDP:
   """min flops s.t. predicted peak <= budget, over nested trees (see ``plan.py`` cost model).
 
-  For a sub-chain ``[i, j)`` run under AD, with ``free`` meaning its input is
-  already held (chain input or the input of an enclosing checkpoint), the
-  head is either layer ``i`` taped (keeps ``kept_i``, peaks at
-  ``kept_i + transient_i``) or a checkpointed ``[i, k)`` (keeps ``a_i`` unless
-  free, runs its inside with the optimal ``[i, k)`` plan with free input); the
-  rest ``[k, j)`` follows with the head's keep held:
-  ``peak = max(head_peak, head_keep + rest_peak)``. ``dead`` marks a sub-chain
-  whose output is unused (the tail of a recomputation): a trailing
-  checkpointed head there costs no forward pass, as XLA removes it.
+  Sub-problem ``(i, j, free, dead)``: the sub-chain ``[i, j)`` run under AD;
+  ``free``: its input is already held (the chain input, or the input of an
+  enclosing checkpoint); ``dead``: its output is unused (the tail of a
+  recomputation), so a trailing checkpoint there runs no forward pass (XLA
+  removes it). The head of ``[i, j)`` is one of (``choices``), encoded as an
+  int ``code``:
+
+  * ``-o`` (``o >= 0``): layer ``i`` taped under its ``o``-th way
+    (``tapes[i][o]``: ``None`` keeps everything, else a recomputation policy).
+    It keeps ``kept`` while the rest ``[i+1, j)`` runs, and peaks at its
+    forward (input unless free, working set, output) or its backward (kept +
+    transient + incoming cotangent).
+  * ``k`` (``i < k <= j``): ``[i, k)`` checkpointed. It keeps its input (unless
+    free) while the rest ``[k, j)`` runs, recomputes ``[i, k)`` with that
+    sub-chain's own optimum (input free, output dead), and peaks at its
+    forward without tape (``plain_peak``) on top of the input. ``k == j`` with
+    a free input is excluded: that is ``[i, j)`` itself.
+  * ``k + n + 1``: as ``k``, with the stored input in host memory while the
+    rest runs (``offload``): the rest runs without it held, at the price of
+    the transfer time the segment's forward cannot hide (``offload_cost``).
+
+  Invariant: a sub-problem's value depends only on its key, never on who asks
+  (what is held above it enters as a shift), so each is solved once, shortest
+  first, and ``decode`` rebuilds a tree from the codes alone.
   """
 
   def __init__(self, costs, offload_boundaries=(), offload=None, backend=None):
-    self.c = costs
+    self.costs = costs
     self.n = len(costs)
     self.offload_boundaries = frozenset(offload_boundaries)
     self.offload = offload
@@ -294,24 +337,27 @@ class _BudgetDP:
     # The ways to tape layer i: keep everything (None) or one of its measured policies.
     self.tapes = [[None] + [name for name, _ in c.policies] for c in costs]
     f = np.array([c.flops for c in costs], dtype=np.float64)
-    self.fsum = np.concatenate([[0.0], np.cumsum(f)])
-    # Peak of a forward without tape over [i, k) with input held: max output (+ input after the first).
-    self._pf = {}
+    self.prefix_flops = np.concatenate([[0.0], np.cumsum(f)])
+    self._plain_peaks: dict[tuple[int, int], float] = {}
+    self._min_peaks: tuple[dict, dict] | None = None
+    self._choices: dict[tuple, list[_Choice]] = {}
 
   def plain_peak(self, i, k):
-    key = (i, k)
-    if key not in self._pf:
+    """Peak of a forward without tape over ``[i, k)`` with its input held: the largest output
+    (plus input, after the first layer) and working set."""
+    if (i, k) not in self._plain_peaks:
       v = 0.0
       for t in range(i, k):
-        c = self.c[t]
+        c = self.costs[t]
         v = max(v, (0.0 if t == i else c.input_bytes) + c.output_bytes + c.forward_transient_bytes)
-      self._pf[key] = v
-    return self._pf[key]
+      self._plain_peaks[(i, k)] = v
+    return self._plain_peaks[(i, k)]
 
-  def keep_ck(self, i, free):
-    return 0.0 if free else float(self.c[i].input_bytes)
+  def checkpoint_keep(self, i, free):
+    """What a checkpoint of ``[i, ...)`` stores: its input, unless someone holds it already."""
+    return 0.0 if free else float(self.costs[i].input_bytes)
 
-  def can_offload(self, i, k, j, free, dead) -> bool:
+  def can_offload(self, i, k, j, free) -> bool:
     """Offloading the stored input of a checkpointed head ``[i, k)`` frees device
     memory only while a rest ``[k, j)`` runs, and only for an input not already held."""
     return (not free) and k < j and i in self.offload_boundaries
@@ -326,72 +372,101 @@ class _BudgetDP:
     value on device when memory allows.
     """
     link = self.offload.link
-    exposed = link.exposed_seconds(float(self.c[i].input_bytes), self.fsum[k] - self.fsum[i],
-                                   backend=self.backend)
+    exposed = link.exposed_seconds(float(self.costs[i].input_bytes),
+                                   self.prefix_flops[k] - self.prefix_flops[i], backend=self.backend)
     return 1.0 + exposed / link.compute_seconds(1.0, backend=self.backend)
+
+  def choice(self, i, j, free, dead, code: int) -> _Choice:
+    """The head of ``[i, j)`` that ``code`` names (see the class docstring)."""
+    n = self.n
+    if code <= 0:
+      policy = self.tapes[i][-code]
+      c = self.costs[i].under(policy)
+      peak = max(forward_peak(c, not free), c.kept_bytes + backward_transient(self.costs, i, policy))
+      rest = (i + 1, j, False, dead) if j > i + 1 else None
+      return _Choice(code, (peak,), c.step_flops, rest=rest, rest_shift=float(c.kept_bytes))
+    offloaded = code > n
+    k = code - n - 1 if offloaded else code
+    keep = self.checkpoint_keep(i, free)
+    no_forward = dead and k == j  # output unused: no forward pass for this checkpoint
+    forward = 0.0 if no_forward else self.plain_peak(i, k)
+    flops = 0.0 if no_forward else self.prefix_flops[k] - self.prefix_flops[i]
+    if offloaded:
+      flops += self.offload_cost(i, k)
+    rest = (k, j, False, dead) if k < j else None
+    return _Choice(code, (keep, forward), flops, inner=(i, k, True, True), inner_shift=keep, rest=rest,
+                   rest_shift=0.0 if offloaded else keep)
+
+  def choices(self, i, j, free, dead) -> list[_Choice]:
+    """Every head of ``[i, j)``, in the order ties are broken (the first wins)."""
+    key = (i, j, free, dead)
+    if key not in self._choices:
+      self._choices[key] = self._enumerate(i, j, free, dead)
+    return self._choices[key]
+
+  def _enumerate(self, i, j, free, dead) -> list[_Choice]:
+    out = [self.choice(i, j, free, dead, -o) for o in range(len(self.tapes[i]))]
+    for k in range(i + 1, j + 1):
+      if free and k == j:
+        continue
+      out.append(self.choice(i, j, free, dead, k))
+      if self.can_offload(i, k, j, free):
+        out.append(self.choice(i, j, free, dead, k + self.n + 1))
+    return out
+
+  def _keys(self):
+    """Every sub-problem, shortest first (each needs only shorter ones)."""
+    for length in range(1, self.n + 1):
+      for i in range(0, self.n - length + 1):
+        for free in (True, False):
+          for dead in (True, False):
+            yield (i, i + length, free, dead)
+
+  def decode(self, key, code_at: Callable[[tuple, Any], int], budget: Any = 0.0,
+             units: Callable[[float], Any] = float) -> list[Segment]:
+    """The segments of sub-problem ``key`` from the chosen codes (``code_at(key, budget)``). Each
+    sub-problem is read at the budget less what its head holds while it runs (``units`` converts
+    bytes to the budget's units: the frontier's quantisation)."""
+    i = key[0]
+    ch = self.choice(*key, code_at(key, budget))
+    rest = self.decode(ch.rest, code_at, budget - units(ch.rest_shift), units) if ch.rest else []
+    if ch.inner is None:
+      return [leaf(i, i + 1, policy=self.tapes[i][-ch.code])] + rest
+    inner = _merge_taped(self.decode(ch.inner, code_at, budget - units(ch.inner_shift), units))
+    # A checkpoint whose inside is one taped run keeps it as its child when that run has a policy
+    # (a checkpoint without children tapes its layers keeping everything).
+    children = tuple(inner) if len(inner) > 1 or inner[0].policy is not None else ()
+    return [Segment(i, ch.inner[1], children, True, ch.code > self.n)] + rest
 
   def min_peak(self) -> float:
     """The smallest predicted peak of any tree (exact bytes)."""
     return self._min_peak_table()[0][(0, self.n, True, False)]
 
   def _min_peak_table(self):
-    if hasattr(self, "_mp"):
-      return self._mp
-    n = self.n
-    mp: dict = {}
-    arg: dict = {}
-    for length in range(1, n + 1):
-      for i in range(0, n - length + 1):
-        j = i + length
-        for free in (True, False):
-          for dead in (True, False):
-            rest = mp[(i + 1, j, False, dead)] if j > i + 1 else 0.0
-            best, best_k = np.inf, 0
-            for o, policy in enumerate(self.tapes[i]):  # a taped head, under each policy
-              c = self.c[i].under(policy)
-              val = max(forward_peak(c, not free), c.kept_bytes + backward_transient(self.c, i, policy),
-                        c.kept_bytes + rest)
-              if val < best:
-                best, best_k = val, -o
-            kc = self.keep_ck(i, free)
-            for k in range(i + 1, j + 1):
-              if free and k == j:
-                continue
-              pf = 0.0 if (dead and k == j) else self.plain_peak(i, k)
-              head = kc + max(pf, mp[(i, k, True, True)])
-              val = head if k == j else max(head, kc + mp[(k, j, False, dead)])
-              if val < best:
-                best, best_k = val, k
-              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
-                val = max(head, mp[(k, j, False, dead)])
-                if val < best:
-                  best, best_k = val, k + n + 1
-            mp[(i, j, free, dead)] = best
-            arg[(i, j, free, dead)] = best_k
-    self._mp = (mp, arg)
-    return self._mp
+    if self._min_peaks is None:
+      peak: dict = {}
+      best_code: dict = {}
+      for key in self._keys():
+        best = np.inf
+        for ch in self.choices(*key):
+          val = max(sum(ch.floor), ch.inner_shift + peak[ch.inner] if ch.inner else 0.0,
+                    ch.rest_shift + peak[ch.rest] if ch.rest else 0.0)
+          if val < best:
+            best, best_code[key] = val, ch.code
+        peak[key] = best
+      self._min_peaks = (peak, best_code)
+    return self._min_peaks
 
   def min_peak_tree(self) -> Segment:
     """A tree with the smallest predicted peak (exact, no quantisation)."""
-    _, arg = self._min_peak_table()
-
-    def rebuild(i, j, free, dead):
-      k = arg[(i, j, free, dead)]
-      if k <= 0:
-        head = leaf(i, i + 1, policy=self.tapes[i][-k])
-        return [head] + (rebuild(i + 1, j, False, dead) if j > i + 1 else [])
-      off = k > self.n
-      k = k - self.n - 1 if off else k
-      inner = _merge_taped(rebuild(i, k, True, True))
-      seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
-      return [seg] + (rebuild(k, j, False, dead) if k < j else [])
-
-    return Segment(0, self.n, tuple(_merge_taped(rebuild(0, self.n, True, False))))
+    _, best_code = self._min_peak_table()
+    root = (0, self.n, True, False)
+    return Segment(0, self.n, tuple(_merge_taped(self.decode(root, lambda key, _: best_code[key]))))
 
   def solve(self, target: float) -> Segment:
     """The optimal tree for ``target`` bytes, certified by exact simulation."""
     n = self.n
-    vals = [int(v) for c0 in self.c for c in [c0] + [o for _, o in c0.policies]
+    vals = [int(v) for c0 in self.costs for c in [c0] + [o for _, o in c0.policies]
             for v in (c.input_bytes, c.output_bytes, c.kept_bytes, c.transient_bytes)]
     g = functools.reduce(math.gcd, [v for v in vals if v > 0] or [1])
     candidates = []
@@ -403,7 +478,7 @@ class _BudgetDP:
       candidates.append((target * f, 4096))
     for t, res in candidates:
       root = self._solve_quantized(t, res)
-      if root is not None and make_plan(root, self.c, n, "").predicted_peak_bytes <= target:
+      if root is not None and make_plan(root, self.costs, n, "").predicted_peak_bytes <= target:
         return root
     # Within the quantisation error of the smallest peak: the exact min-peak tree.
     return self.min_peak_tree()
@@ -418,83 +493,46 @@ class _BudgetDP:
     Returns ``(flops, tree_at)``: an array of ``m_max + 1`` minimum flops (``inf`` where nothing
     fits) and a function from ``m`` to the root :class:`Segment` of that optimum.
     """
-    n, c = self.n, self.c
-    q = target / m_max
-    Q = lambda b: int(round(b / q))  # noqa: E731
-    inf = np.inf
-    M = m_max + 1
-    opt: dict = {}
-    choice: dict = {}
-    idx = np.arange(M)
+    unit = target / m_max
+    size = m_max + 1
+    budgets = np.arange(size)
 
-    def shift(arr, s):
+    def units(b: float) -> int:  # bytes in budget units
+      return int(round(b / unit))
+
+    def shifted(arr, s: int):  # F[m - s]: the sub-problem with s units held
       if s <= 0:
         return arr
-      out = np.full(M, inf)
-      if s < M:
-        out[s:] = arr[:M - s]
+      out = np.full(size, np.inf)
+      if s < size:
+        out[s:] = arr[:size - s]
       return out
 
-    for length in range(1, n + 1):
-      for i in range(0, n - length + 1):
-        j = i + length
-        for free in (True, False):
-          heads = []  # a taped head under each policy: (kept, peak, step flops)
-          for policy in self.tapes[i]:
-            ci = c[i].under(policy)
-            peak = max(forward_peak(ci, not free), ci.kept_bytes + backward_transient(c, i, policy))
-            heads.append((Q(ci.kept_bytes), Q(peak), ci.step_flops))
-          kc = Q(self.keep_ck(i, free))
-          for dead in (True, False):
-            best = np.full(M, inf)
-            arg = np.zeros(M, dtype=np.int32)  # -o: taped head under policy o; k: checkpoint [i, k)
-            for o, (kh, ph, fl) in enumerate(heads):
-              rest = fl if j == i + 1 else fl + shift(opt[(i + 1, j, False, dead)], kh)
-              val = np.where(idx >= ph, rest, inf)
-              better = val < best
-              best = np.where(better, val, best)
-              arg = np.where(better, -o, arg)
-            for k in range(i + 1, j + 1):
-              if free and k == j:
-                continue
-              if dead and k == j:  # output unused: no forward pass for this checkpoint
-                head = shift(opt[(i, k, True, True)], kc)
-              else:
-                pf = Q(self.plain_peak(i, k))
-                head = np.where(idx >= kc + pf,
-                                self.fsum[k] - self.fsum[i] + shift(opt[(i, k, True, True)], kc), inf)
-              val = head if k == j else head + shift(opt[(k, j, False, dead)], kc)
-              better = val < best
-              best = np.where(better, val, best)
-              arg = np.where(better, k, arg)
-              if self.can_offload(i, k, j, free, dead):  # the rest runs without the input held
-                val = head + opt[(k, j, False, dead)] + self.offload_cost(i, k)
-                better = val < best
-                best = np.where(better, val, best)
-                arg = np.where(better, k + n + 1, arg)
-            opt[(i, j, free, dead)] = best
-            choice[(i, j, free, dead)] = arg
+    flops: dict = {}
+    codes: dict = {}
+    for key in self._keys():
+      best = np.full(size, np.inf)
+      code = np.zeros(size, dtype=np.int32)
+      for ch in self.choices(*key):
+        val = np.full(size, ch.flops)
+        if ch.inner is not None:
+          val = val + shifted(flops[ch.inner], units(ch.inner_shift))
+        if ch.rest is not None:
+          val = val + shifted(flops[ch.rest], units(ch.rest_shift))
+        val = np.where(budgets >= sum(units(b) for b in ch.floor), val, np.inf)
+        better = val < best
+        best = np.where(better, val, best)
+        code = np.where(better, ch.code, code)
+      flops[key], codes[key] = best, code
+
+    def code_at(key, m):
+      return int(codes[key][int(m)])
+
     def tree_at(m: int) -> Segment:
-      return Segment(0, n, tuple(_merge_taped(self._rebuild(0, n, True, False, int(m), choice, Q))))
+      root = (0, self.n, True, False)
+      return Segment(0, self.n, tuple(_merge_taped(self.decode(root, code_at, int(m), units))))
 
-    return opt[(0, n, True, False)], tree_at
-
-  def _rebuild(self, i, j, free, dead, m, choice, Q):
-    k = int(choice[(i, j, free, dead)][m])
-    if k <= 0:
-      policy = self.tapes[i][-k]
-      out = [leaf(i, i + 1, policy=policy)]
-      if j > i + 1:
-        out += self._rebuild(i + 1, j, False, dead, m - Q(self.c[i].under(policy).kept_bytes), choice, Q)
-      return out
-    off = k > self.n
-    k = k - self.n - 1 if off else k
-    kc = Q(self.keep_ck(i, free))
-    inner = _merge_taped(self._rebuild(i, k, True, True, m - kc, choice, Q))
-    seg = Segment(i, k, tuple(inner) if len(inner) > 1 else (), True, off)
-    if k == j:
-      return [seg]
-    return [seg] + self._rebuild(k, j, False, dead, m if off else m - kc, choice, Q)
+    return flops[(0, self.n, True, False)], tree_at
 
 
 def _merge_taped(segs: list[Segment]) -> list[Segment]:
