@@ -96,9 +96,8 @@ def test_parse_segmenter_rejects_garbage_in_one_line(kind, arg):
 def test_python_budget_of_one_byte_is_a_clear_value_error():
   layers = [lambda w, x: jnp.tanh(x @ w)] * 4
   ws, x = [jnp.eye(32)] * 4, jnp.ones((64, 32))
-  with pytest.raises(ValueError, match=r"`remat\.segmenters\.budget\(1\)`: no plan is predicted to fit 1 "
-                     r"bytes; the smallest feasible budget for this chain is [\d,]+ bytes \([\d.]+ KiB\), "
-                     r"predicted"):
+  with pytest.raises(ValueError, match=r"`remat\.segmenters\.budget\(1\)`: no plan is predicted to fit 1 B; "
+                     r"the smallest feasible budget for this chain is .* bytes\), predicted"):
     remat.sequential(layers, S.budget(1))(ws, x)
   with pytest.raises(ValueError, match="positive int `max_bytes`"):
     S.budget(0)
@@ -110,8 +109,8 @@ def test_budget_message_after_compiling_names_the_smallest_compiled():
   with pytest.raises(ValueError) as e:
     S.budget(1024 * 20).plan(costs, verifier=too_big)
   msg = str(e.value)
-  assert "no plan compiled to within 20,480 bytes (20.00 KiB) in 12 compile(s)" in msg
-  assert "the smallest compiled to 1,000,000 bytes (976.56 KiB)" in msg  # one format for every figure
+  assert "no plan compiled to within 20.00 KiB (20,480 bytes) in 12 compile(s)" in msg
+  assert "the smallest compiled to 976.56 KiB (1,000,000 bytes)" in msg  # one format for every figure
   assert "at least 1000000, or `max_compiles`" in msg
 
 

@@ -413,7 +413,7 @@ def test_error_static_argnums():
   with pytest.raises(ValueError, match=r"out of range for `__call__`"):
     remat.linen.checkpoint(models.MLPBlock, static_argnums=(5,))
   Ck = remat.linen.checkpoint(models.MLPBlock, static_argnums=(1,))
-  with pytest.raises(TypeError, match=r"position 1 of `__call__`.*is an array \(float32\[2, 4\]\).*drop"):
+  with pytest.raises(TypeError, match=r"position 1 of `__call__`.*is an array float32\[2, 4\].*drop"):
     Ck(4).init(jax.random.key(0), jnp.ones((2, 4)))
 
 

@@ -124,7 +124,7 @@ def test_a_transfer_behind_a_layer_without_compute_is_not_free():
 
 def test_tiny_budgets_plan_or_name_the_smallest_without_crashing():
   costs = [LayerCost(4096, 4096, 0, 0, 1e3, 3e3)]  # budget below the cost quantum: no zero division
-  with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is 4,096 bytes") as err:
+  with pytest.raises(ValueError, match=r"feasible budget for this chain is .*\(4,096 bytes\)") as err:
     S.budget(100).plan(costs)
   assert "at least 4096" in str(err.value)
   p = S.budget(4096).plan(costs)

@@ -314,7 +314,7 @@ def test_budget_under_jit_plans_at_trace_time_and_matches_plain_gradients():
 def test_budget_below_the_smallest_names_it():
   layers, ps, x = hetero_chain()
   costs = S.measure_costs(layers, ps, x)
-  with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is [\d,]+ bytes"):
+  with pytest.raises(ValueError, match=r"feasible budget for this chain is .*\([\d,]+ bytes\)"):
     remat.sequential(layers, S.budget(HACT)).plan_for(ps, x)
   # Costs are measured from XLA and cached by the layer's computation and shape.
   assert costs[0] == costs[3] and costs[1] == costs[2]

@@ -133,7 +133,7 @@ def test_budget_recomputes_nothing_when_plain_fits_and_names_the_smallest_budget
   assert tight.predicted_peak_bytes <= plain.predicted_peak_bytes // 2 and tight.recomputed_evaluations > 0
   # The smallest: the backward of one taped layer (1000 kept + 500 transient
   # + 1000 of incoming cotangent) with nothing else held.
-  with pytest.raises(ValueError, match=r"smallest feasible budget for this chain is 2,500 bytes"):
+  with pytest.raises(ValueError, match=r"feasible budget for this chain is .*\(2,500 bytes\)"):
     S.budget(2499).plan(c)
   assert S.budget(2500).plan(c).predicted_peak_bytes <= 2500
 
@@ -170,7 +170,7 @@ def test_budget_dp_matches_brute_force(layers, frac):
   got = S.budget(b).plan(c)
   assert got.predicted_peak_bytes <= b
   assert got.predicted_flops == pytest.approx(best, rel=1e-9)
-  with pytest.raises(ValueError, match=f"smallest feasible budget for this chain is {lo:,} bytes"):
+  with pytest.raises(ValueError, match=rf"feasible budget for this chain is (.*\()?{lo:,} (B|bytes)"):
     S.budget(lo - 1).plan(c)
   # At the smallest budget itself a plan exists (the exact min-peak tree if quantisation is too coarse).
   assert S.budget(lo).plan(c).predicted_peak_bytes == lo

@@ -40,3 +40,12 @@ def auto_static(x) -> bool:
 def has_array(x) -> bool:
   return any(isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer))
              for leaf in jax.tree_util.tree_leaves(x))
+
+
+def describe(x) -> str:
+  """What an argument is, for messages: ``an array float32[4, 8]``, ``a pytree with 3 arrays``."""
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]
+  if len(leaves) == 1:
+    leaf = leaves[0]
+    return f"an array {getattr(leaf.dtype, 'name', leaf.dtype)}{list(leaf.shape)}"
+  return f"a pytree with {len(leaves)} arrays"

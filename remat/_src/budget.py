@@ -27,7 +27,7 @@ from remat._src import search as search_lib
 from remat._src import segmenters as seg_lib
 from remat._src.plan import (LayerCost, Plan, Segment, Verifier, backward_transient, forward_peak, leaf,
                               make_plan)
-from remat._src.units import format_bytes
+from remat._src.units import exact_bytes
 
 _API = "`remat.segmenters.budget`"
 _VERIFIED: dict[Any, Plan] = {}
@@ -93,8 +93,9 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     return f"budget({self.max_bytes}{extra})"
 
   def __post_init__(self):
-    _check_positive_int(self.max_bytes, "max_bytes", "budget(2**30)")
-    _check_positive_int(self.max_compiles, "max_compiles", "budget(2**30, max_compiles=12)")
+    seg_lib.check_positive_int(self.max_bytes, "max_bytes", _API[1:-1], "budget(2**30)")
+    seg_lib.check_positive_int(self.max_compiles, "max_compiles", _API[1:-1],
+                               "budget(2**30, max_compiles=12)")
     if self.offload is not None:
       offload_lib.validate_offload(self.offload, api=_API)
     if not isinstance(self.policies, bool):
@@ -124,8 +125,8 @@ class budget:  # noqa: N801 - reads as a phrase: `segmenters.budget(2**30)`
     smallest = int(math.ceil(dp.min_peak()))
     if target < smallest:
       raise ValueError(
-          f"{self._call()}: no plan is predicted to fit {_bytes(target)}; the smallest feasible budget "
-          f"for this chain is {_bytes(smallest)}, predicted. Raise `max_bytes` to at least "
+          f"{self._call()}: no plan is predicted to fit {exact_bytes(target)}; the smallest feasible budget "
+          f"for this chain is {exact_bytes(smallest)}, predicted. Raise `max_bytes` to at least "
           f"{smallest}, or make the layers smaller.")
     return make_plan(dp.solve(target), costs, len(costs), repr(self))
 
@@ -208,7 +209,7 @@ def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
 
   found = search_lib.verified_search(
       [dp], [costs], limit, start, max_compiles, uniform=[(p,) for p in uniform_plans(costs)], name=name,
-      api=api, units=_bytes)
+      api=api, units=exact_bytes)
   (plan,) = found.option
   label = name if found.proposed else f"{name} = {plan.segmenter}"
   return dataclasses.replace(plan, segmenter=label, compiled_temp_bytes=int(found.measured))
@@ -560,14 +561,3 @@ def _check_costs(costs) -> tuple[LayerCost, ...]:
   if not costs:
     raise ValueError(f"{_API} needs at least one layer, but got no costs.")
   return costs
-
-
-def _check_positive_int(v, name, example):
-  if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-    raise ValueError(f"`{_API[1:-1]}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
-
-
-def _bytes(b) -> str:
-  """``46,199,800 bytes (44.06 MiB)``: exact, then readable."""
-  b = int(b)
-  return f"{b:,} bytes ({format_bytes(b)})" if b >= 1024 else f"{b:,} bytes"

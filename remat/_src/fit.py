@@ -44,7 +44,7 @@ from remat._src import segmenters as seg_lib
 from remat._src import specs
 from remat._src.plan import LayerCost, Plan, Segment, Verifier, make_plan
 from remat._src.profile import Profile
-from remat._src.units import format_bytes, parse_bytes
+from remat._src.units import exact_bytes, parse_bytes
 
 _API = "`remat.fit`"
 log = logging.getLogger("remat")
@@ -180,9 +180,10 @@ class FitReport:
 
   def __str__(self) -> str:
     p, q = self.profile, self.plain_profile
-    lines = [f"remat.fit to {_fmt(self.memory)} per device: peak {_fmt(p.peak_bytes)} (arguments "
-             f"{_fmt(p.argument_bytes)}, outputs {_fmt(p.output_bytes)}, donated {_fmt(p.alias_bytes)}, "
-             f"temporaries {_fmt(p.temp_bytes)}); plain backprop {_fmt(q.peak_bytes)}; "
+    lines = [f"remat.fit to {exact_bytes(self.memory)} per device: peak {exact_bytes(p.peak_bytes)} "
+             f"(arguments {exact_bytes(p.argument_bytes)}, outputs {exact_bytes(p.output_bytes)}, donated "
+             f"{exact_bytes(p.alias_bytes)}, temporaries {exact_bytes(p.temp_bytes)}); plain backprop "
+             f"{exact_bytes(q.peak_bytes)}; "
              f"{p.flops / q.flops:.3f}x its flops; {self.compiles} compile(s)"]
     for i, plan in enumerate(self.plans):
       lines.append(f"chain {i}: " + str(plan).replace("\n", "\n  "))
@@ -249,22 +250,34 @@ class Fitted:
           raise RuntimeError(
               f"{_API}: the step called {len(session.records)} `auto()` chain(s) where the search "
               f"saw {len(plans)}; a step must call the same chains every time it is traced.")
-        self._last_session = session
+        traced = _TRACED.get()
+        if traced is not None:  # `_lower` / `_measure_chains` asked for what this trace recorded
+          traced.append(session)
         return out
 
       self._jits[(plans, measuring)] = compile_lib.jit(run, **self._jit_kwargs)
     return self._jits[(plans, measuring)]
 
   def _lower(self, plans, args, kwargs):
-    """The lowered step under ``plans`` and the session its trace recorded (``None`` if cached)."""
-    self._last_session = None
-    return self._jit(plans).lower(*args, **kwargs), self._last_session
+    """The lowered step under ``plans`` and the session its trace recorded (``None`` if jax reused
+    an earlier trace)."""
+    traced: list[_Session] = []
+    token = _TRACED.set(traced)
+    try:
+      lowered = self._jit(plans).lower(*args, **kwargs)
+    finally:
+      _TRACED.reset(token)
+    return lowered, traced[-1] if traced else None
 
   def _measure_chains(self, args, kwargs) -> _Session:
     """Traces the step (no lowering, no compile) with its chains' costs measured."""
-    self._last_session = None
-    self._jit(None, measuring=True).trace(*args, **kwargs)
-    return self._last_session
+    traced: list[_Session] = []
+    token = _TRACED.set(traced)
+    try:
+      self._jit(None, measuring=True).trace(*args, **kwargs)
+    finally:
+      _TRACED.reset(token)
+    return traced[-1]
 
 
 
@@ -287,6 +300,8 @@ class _Lowered:
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("remat_fit", default=None)
+# Where a trace started by `Fitted._lower` puts its session (the step returns only its outputs).
+_TRACED: contextvars.ContextVar[list | None] = contextvars.ContextVar("remat_fit_traced", default=None)
 
 
 @dataclasses.dataclass
@@ -361,7 +376,8 @@ class _Search:
       prof = Profile.from_compiled(compiled)
       self.executables[None if plans is None else search_lib.roots(plans)] = compiled
       log.info("%s: compile %d (%s): peak %s of %s (%s), %.4g GFLOP, at %.1f s", _API, n, what,
-               _fmt(prof.peak_bytes), _fmt(self.memory), "fits" if prof.peak_bytes <= self.memory else "over",
+               exact_bytes(prof.peak_bytes), exact_bytes(self.memory),
+               "fits" if prof.peak_bytes <= self.memory else "over",
                prof.flops / 1e9, time.perf_counter() - self.started)
       return prof
     return wait
@@ -431,7 +447,7 @@ class _Search:
       return None, "the step's program is not the one they were made for"
     prof = self.submit(lowered, plans, "cached plans")()
     if prof.peak_bytes > self.memory:
-      return None, f"the step compiles to {_fmt(prof.peak_bytes)}, over {_fmt(self.memory)}"
+      return None, f"the step compiles to {exact_bytes(prof.peak_bytes)}, over {exact_bytes(self.memory)}"
     return self.report(plans, prof, plain), ""
 
   def receive(self, client, slot: str, material) -> FitReport:
@@ -497,14 +513,14 @@ class _Search:
         return known[plans].peak_bytes - base
       return value
 
-    budget = self.fitted._max_compiles - self.compiles - 1  # one kept for the smallest step
-    if budget < 1:
+    compiles_left = self.fitted._max_compiles - self.compiles - 1  # one kept for the smallest step
+    if compiles_left < 1:
       return self.report(*self.smallest(chains, known), plain)
     try:
       found = search_lib.verified_search(
-          [budget_lib._BudgetDP(c) for c in costs], costs, limit, start, budget,
+          [budget_lib._BudgetDP(c) for c in costs], costs, limit, start, compiles_left,
           uniform=search_lib.uniform_options(costs, budget_lib.uniform_plans), name="auto", api=_API,
-          units=_fmt, measured={plain_plans: plain.peak_bytes - base}, low=0.7, high=1.2,
+          units=exact_bytes, measured={plain_plans: plain.peak_bytes - base}, low=0.7, high=1.2,
           workers=_workers(), close=limit - 0.02 * self.memory)
     except ValueError:  # nothing fitted within the compiles: is anything small enough at all?
       return self.report(*self.smallest(chains, known), plain)
@@ -547,11 +563,11 @@ class _Search:
   def too_big(self, prof: Profile, what: str) -> str:
     fixed = prof.argument_bytes + prof.output_bytes - prof.alias_bytes
     return (
-        f"{_API}: the step does not fit {_fmt(self.memory)} per device. The smallest peak reached is "
-        f"{_fmt(prof.peak_bytes)} ({what}): arguments {_fmt(prof.argument_bytes)} (parameters, "
-        f"optimizer state, batch) + outputs {_fmt(prof.output_bytes)} - donated "
-        f"{_fmt(prof.alias_bytes)} = {_fmt(fixed)} held for the whole step, and temporaries "
-        f"{_fmt(prof.temp_bytes)} (activations, gradients, working memory). {self.advice()}")
+        f"{_API}: the step does not fit {exact_bytes(self.memory)} per device. The smallest peak reached is "
+        f"{exact_bytes(prof.peak_bytes)} ({what}): arguments {exact_bytes(prof.argument_bytes)} (parameters, "
+        f"optimizer state, batch) + outputs {exact_bytes(prof.output_bytes)} - donated "
+        f"{exact_bytes(prof.alias_bytes)} = {exact_bytes(fixed)} held for the whole step, and temporaries "
+        f"{exact_bytes(prof.temp_bytes)} (activations, gradients, working memory). {self.advice()}")
 
   def advice(self) -> str:
     """What could make the step fit: donation only where some argument is not donated yet."""
@@ -589,9 +605,10 @@ class _Search:
     fixed = self.fixed_bytes = args_bytes + out_bytes - donated_bytes
     if fixed > self.memory:
       raise ValueError(
-          f"{_API}: the step cannot fit {_fmt(self.memory)} per device: its arguments "
-          f"({_fmt(args_bytes)}: parameters, optimizer state, batch) and outputs ({_fmt(out_bytes)}), "
-          f"less what donation can reuse ({_fmt(donated_bytes)}), already hold {_fmt(fixed)} for the "
+          f"{_API}: the step cannot fit {exact_bytes(self.memory)} per device: its arguments "
+          f"({exact_bytes(args_bytes)}: parameters, optimizer state, batch) and outputs "
+          f"({exact_bytes(out_bytes)}), less what donation can reuse ({exact_bytes(donated_bytes)}), already "
+          f"hold {exact_bytes(fixed)} for the "
           "whole step, before any activation; recomputation cannot lower that (found by lowering "
           f"the step once, without compiling). {self.advice()}")
 
@@ -656,7 +673,3 @@ def parse_memory(memory: int | float | str) -> int:
   raise ValueError(
       f"the `memory` argument to {_API} must be a positive number of bytes per device, as an int, a "
       f"float such as 1.5e9, or a string such as '16GiB', '80GB' or '1.5e9', but got {memory!r}.")
-
-
-def _fmt(b: float) -> str:
-  return format_bytes(int(b), exact=True)

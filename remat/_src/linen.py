@@ -218,8 +218,8 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
       if adapter_util.has_array(args[i]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i + 1} of `{name}` (counting "
-            f"`self` as 0), but the argument there is an array "
-            f"({_describe(args[i])}). Static arguments must be hashable Python values; "
+            f"`self` as 0), but the argument there is {adapter_util.describe(args[i])}. Static "
+            "arguments must be hashable Python values; "
             "drop this index from `static_argnums` to pass the array normally.")
       static.add(i)
     if auto_static:
@@ -281,14 +281,6 @@ def _shift_offload(offload):
   if changes:
     offload = dataclasses.replace(offload, **changes)
   return offload.with_leading_arguments(2)
-
-
-def _describe(x) -> str:
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]
-  if len(leaves) == 1:
-    leaf = leaves[0]
-    return f"{getattr(leaf.dtype, 'name', leaf.dtype)}{list(leaf.shape)}"
-  return f"a pytree with {len(leaves)} arrays"
 
 
 def _is_method(fn) -> bool:

@@ -300,13 +300,7 @@ def graph_arguments(args: tuple, kwargs: dict) -> tuple[tuple, Callable]:
 
 
 def _describe(x) -> str:
-  if isinstance(x, nnx.Module):
-    return f"an `{type(x).__name__}` module"
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]
-  if len(leaves) == 1:
-    leaf = leaves[0]
-    return f"an array {getattr(leaf.dtype, 'name', leaf.dtype)}{list(leaf.shape)}"
-  return f"a pytree with {len(leaves)} arrays"
+  return f"an `{type(x).__name__}` module" if isinstance(x, nnx.Module) else adapter_util.describe(x)
 
 
 def _check_callable(f):

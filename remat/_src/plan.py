@@ -43,6 +43,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Hashable, Sequence
 
+from remat._src.units import format_bytes
+
 ### Data
 
 
@@ -244,13 +246,13 @@ class Plan:
             f"{self.forward_evaluations} forward evaluations ({self.recomputation()}), "
             f"{self.stored_states} stored states")
     if self.predicted_peak_bytes is not None:
-      head += f", predicted temp {_mib(self.predicted_peak_bytes)}"
+      head += f", predicted temp {format_bytes(self.predicted_peak_bytes)}"
     if self.compiled_temp_bytes is not None:
-      head += f", compiled temp {_mib(self.compiled_temp_bytes)}"
+      head += f", compiled temp {format_bytes(self.compiled_temp_bytes)}"
     if self.predicted_flops is not None:
       head += f", {self.predicted_flops / 1e9:,.3f} GFLOP"
     if self.offloaded_bytes:
-      head += f", {_mib(self.offloaded_bytes)} offloaded to host"
+      head += f", {format_bytes(self.offloaded_bytes)} offloaded to host"
     return "\n".join([head] + self.root.lines(1))
 
 
@@ -270,10 +272,6 @@ class Verifier:
   key: Hashable
   temp_bytes: Callable[[Plan], int] = dataclasses.field(compare=False)
   global_shapes: bool = False
-
-
-def _mib(b) -> str:
-  return f"{b / 2**20:,.2f} MiB"
 
 
 ### Evaluating a tree under the cost model

@@ -61,7 +61,7 @@ def check_segmenter(obj, api: str, num_layers: int | None = None) -> None:
         f"`remat.segmenters.budget(2**30)`, or a `remat.Plan`, but got {obj!r}.{hint}")
 
 
-### Public segmenters### Public segmenters
+### Public segmenters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ class every:  # noqa: N801 - reads as a phrase: `segmenters.every(4)`
   k: int
 
   def __post_init__(self):
-    _check_positive_int(self.k, "k", "remat.segmenters.every", "every(4)")
+    check_positive_int(self.k, "k", "remat.segmenters.every", "every(4)")
 
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
@@ -150,7 +150,7 @@ class multilevel:  # noqa: N801
   levels: int
 
   def __post_init__(self):
-    _check_positive_int(self.levels, "levels", "remat.segmenters.multilevel", "multilevel(2)")
+    check_positive_int(self.levels, "levels", "remat.segmenters.multilevel", "multilevel(2)")
 
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
@@ -226,7 +226,7 @@ class revolve:  # noqa: N801
   slots: int
 
   def __post_init__(self):
-    _check_positive_int(self.slots, "slots", "remat.segmenters.revolve", "revolve(4)")
+    check_positive_int(self.slots, "slots", "remat.segmenters.revolve", "revolve(4)")
 
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
@@ -291,7 +291,8 @@ def _revolve_tree(n: int, s: int, offset: int) -> list[Segment]:
 ### Helpers
 
 
-def _check_positive_int(v, name, api, example):
+def check_positive_int(v, name, api, example):
+  """A segmenter's whole-number option (``every(k)``, ``budget(max_bytes)`` ...), named in the error."""
   if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
     raise ValueError(f"`{api}` needs a positive int `{name}`, but got {v!r}. Example: `{example}`.")
 

@@ -81,3 +81,15 @@ def format_bytes(n: float, *, exact: bool = False) -> str:
       text = f"{sign}{a / size:,.2f} {unit}"
       return f"{text} ({n:,} bytes)" if exact else text
   return f"{n:,} B"
+
+
+def exact_bytes(n: float) -> str:
+  """``format_bytes(n, exact=True)``: how messages write a size the user may act on.
+
+  Example:
+
+    >>> from remat._src.units import exact_bytes
+    >>> exact_bytes(46199800)
+    '44.06 MiB (46,199,800 bytes)'
+  """
+  return format_bytes(n, exact=True)
