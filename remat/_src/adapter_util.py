@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from remat._src import compat
 from remat._src import transform as transform_lib
 
-
-api_boundary = transform_lib.api_boundary  # errors below an adapter's wrapper show the user's frames
+api_boundary = compat.api_boundary  # errors below an adapter's wrapper show the user's frames
 
 
 def validate_passthrough(api: str, **options) -> None:
@@ -20,10 +20,7 @@ def validate_passthrough(api: str, **options) -> None:
         f"the `prevent_cse` argument to {api} must be a bool, as for `nn.remat` and "
         f"`nnx.remat`, but got {prevent_cse!r}. Per-argument flags are an option of "
         "`remat.checkpoint` on a plain function.")
-  try:
-    transform_lib._validate_options(static_argnums=(), check_determinism=False, **options)
-  except (TypeError, ValueError) as e:
-    raise type(e)(str(e).replace("`remat.checkpoint`", api)) from None
+  transform_lib.validate_options(static_argnums=(), check_determinism=False, api=api, **options)
 
 
 def check_flag(api: str, name: str, value) -> None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from remat._src import offload as offload_lib
 from remat._src import policies
 from remat._src import rng as rng_lib
+from remat._src import barrier as barrier_lib
 from remat._src import transform
 from remat._src.plan import Plan, Segment
 from remat._src.signature import positional_arity
@@ -96,15 +97,9 @@ def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
 
 
 def call_tied(f: Callable, p: Any, x: Any, key: Any) -> Any:
-  """``f(p, x, key)`` with the key made available only together with ``x``.
-
-  Random bits depend on the key alone, so XLA's scheduler may generate the
-  dropout bits of every layer at the start of the step and keep them all
-  alive (docs/facts.md, fact 11). An ``optimization_barrier`` over the key and
-  the layer's input keeps them where they are used.
-  """
+  """``f(p, x, key)`` with the key made available only together with ``x`` (``barrier.tie_keys``)."""
   if jax.tree_util.tree_leaves(key):
-    key, x = transform._barrier((key, x))
+    key, x = barrier_lib.tie_keys((key, x))
   return f(p, x, key)
 
 

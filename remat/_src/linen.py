@@ -39,8 +39,9 @@ from flax import errors as flax_errors
 from flax import linen as nn
 
 from remat._src import adapter_util
+from remat._src import barrier as barrier_lib
 from remat._src import compat
-from remat._src.signature import positional_arity
+from remat._src.signature import int_tuple, positional_arity
 from remat._src import transform as transform_lib
 
 _API = "`remat.linen.checkpoint`"
@@ -244,19 +245,12 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
 
 
 def _tie_keys(rng_groups, args, dyn_kwargs, static):
-  """The PRNG keys and the dynamic arguments through one ``optimization_barrier``.
-
-  Random bits depend on the key alone, so without this XLA:CPU may generate the
-  dropout bits of every checkpointed block at the start of the step and keep
-  them all alive (docs/facts.md, fact 11). Tied to the block's inputs, a key is
-  available only when the block runs. Values are unchanged (the barrier is the
-  identity), and nothing is tied when no RNG stream is lifted. The variables
-  stay out, as in ``remat.sequential``'s ``call_tied``.
-  """
+  """The lifted PRNG keys and the dynamic arguments through ``barrier.tie_keys`` (docs/facts.md,
+  fact 11); the variables stay out, and nothing is tied when no RNG stream is lifted."""
   if not jax.tree_util.tree_leaves(rng_groups):
     return rng_groups, args, dyn_kwargs
   dyn = [i for i in range(len(args)) if i not in static]
-  rng_groups, tied, dyn_kwargs = transform_lib._barrier(
+  rng_groups, tied, dyn_kwargs = barrier_lib.tie_keys(
       (rng_groups, [args[i] for i in dyn], dyn_kwargs))
   args = list(args)
   for i, a in zip(dyn, tied, strict=True):
@@ -317,7 +311,7 @@ def _check_module_class(module_cls) -> type[nn.Module]:
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  nums = transform_lib.int_tuple(static_argnums)
+  nums = int_tuple(static_argnums)
   if nums is None:
     raise TypeError(
         f"the `static_argnums` argument to {_API} must be an int or a tuple of ints "

@@ -30,8 +30,9 @@ import jax
 from flax import nnx
 
 from remat._src import adapter_util
+from remat._src import barrier as barrier_lib
 from remat._src import compat
-from remat._src.signature import positional_arity
+from remat._src.signature import int_tuple, positional_arity
 from remat._src import transform as transform_lib
 from remat._src import pytypes as rt
 
@@ -232,15 +233,9 @@ def _tree_transformed(f, static, *, graph, policy, offload, prevent_cse):
 
 
 def _tie_rng_state(args, static):
-  """RNG state (``RngKey``, ``RngCount``) and the array arguments through one ``optimization_barrier``.
-
-  Random bits depend on the key and count alone, so without this XLA:CPU may
-  generate the dropout bits of every checkpointed block at the start of the
-  step and keep them all alive (docs/facts.md, fact 11). Tied to the block's
-  inputs, they are available only when the block runs. Values are unchanged
-  (the barrier is the identity); parameters and other state stay out, and
-  nothing is tied when the arguments carry no RNG state.
-  """
+  """RNG state (``RngKey``, ``RngCount``) and the array arguments through ``barrier.tie_keys``
+  (docs/facts.md, fact 11); parameters and other state stay out, and nothing is tied when the
+  arguments carry no RNG state."""
   is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
   flat = [None if i in static else jax.tree_util.tree_flatten(a, is_leaf=is_var)
           for i, a in enumerate(args)]
@@ -254,7 +249,7 @@ def _tie_rng_state(args, static):
         picked.append((i, j, sub, values))
       elif not is_var(leaf) and hasattr(leaf, "dtype"):
         picked.append((i, j, None, [leaf]))
-  tied = transform_lib._barrier([values for *_, values in picked])
+  tied = barrier_lib.tie_keys([values for *_, values in picked])
   leaves = {i: list(f[0]) for i, f in enumerate(flat) if f}
   for (i, j, sub, _), values in zip(picked, tied, strict=True):
     leaves[i][j] = values[0] if sub is None else jax.tree_util.tree_unflatten(sub, values)
@@ -331,7 +326,7 @@ def _check_callable(f):
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  nums = transform_lib.int_tuple(static_argnums)
+  nums = int_tuple(static_argnums)
   if nums is None:
     raise TypeError(
         f"the `static_argnums` argument to {_API} must be an int or a tuple of ints, "

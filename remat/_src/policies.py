@@ -130,10 +130,6 @@ def _walk(jaxpr):
 def device_ratio(args) -> float:
   """Per-device bytes over global bytes of ``args`` (keys left out): 1 without known shardings."""
   total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(args)
-              if hasattr(x, "shape") and hasattr(x, "dtype") and not _is_key(x))
-  per = specs.device_bytes([x for x in jax.tree_util.tree_leaves(args) if not _is_key(x)])
+              if hasattr(x, "shape") and hasattr(x, "dtype") and not specs.is_key(x))
+  per = specs.device_bytes([x for x in jax.tree_util.tree_leaves(args) if not specs.is_key(x)])
   return per / total if total else 1.0
-
-
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -1,8 +1,11 @@
-"""Positional arity of a callable: the one place that inspects signatures."""
+"""Signatures: the positional arity of a callable (the one place that inspects them), and the
+positions a ``static_argnums`` names."""
 
 from __future__ import annotations
 
 import inspect
+
+import numpy as np
 
 
 def positional_arity(fn) -> int | None:
@@ -25,3 +28,17 @@ def positional_arity(fn) -> int | None:
     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
       n += 1
   return n
+
+
+def int_tuple(value) -> tuple[int, ...] | None:
+  """``3`` or ``(1, 2)`` as a tuple of ints; ``None`` for anything else (bools, strings, floats)."""
+  is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, bool)  # noqa: E731
+  if is_int(value):
+    return (int(value),)
+  if isinstance(value, (str, bytes)):
+    return None
+  try:
+    nums = tuple(value)
+  except TypeError:
+    return None
+  return tuple(int(i) for i in nums) if all(is_int(i) for i in nums) else None

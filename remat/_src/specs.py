@@ -107,3 +107,8 @@ def _itemsize(dtype) -> int:
     return int(np.dtype(dtype).itemsize)
   except TypeError:  # extended dtypes (PRNG keys): their key data
     return 8
+
+
+def is_key(x) -> bool:
+  """Whether ``x`` is a typed PRNG key array (``jax.random.key``)."""
+  return hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -34,20 +34,20 @@ from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
+from remat._src import barrier as barrier_lib
 from remat._src import compat  # name stacks: see _fresh_name_stack
 from remat._src import compile as compile_lib
 from remat._src import offload as offload_lib
 from remat._src import pytypes as rt
+from remat._src import specs
 from remat._src import tangent as tangent_lib
-from remat._src.signature import positional_arity
+from remat._src.signature import int_tuple, positional_arity
 
 _API = "`remat.checkpoint`"
 
 
 # remat's own frames (everything under remat/_src) are left out of filtered tracebacks and of
 # the user frame recorded in jaxprs, as jax and flax leave out theirs; a function that is an
-# `api_boundary` filters the traceback of an error raised below it.
-api_boundary = compat.api_boundary
 compat.register_traceback_exclusion(os.path.dirname(os.path.abspath(__file__)))
 jex_source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +142,7 @@ def checkpoint(
     >>> bool(jnp.allclose(g, jax.grad(lambda w: jax.checkpoint(block.__wrapped__)(w, x).sum())(w)))
     True
   """
-  options = _validate_options(
+  options = validate_options(
       static_argnums=static_argnums,
       policy=policy,
       offload=offload,
@@ -157,45 +157,32 @@ def checkpoint(
 ### Implementation
 
 
-def int_tuple(value) -> tuple[int, ...] | None:
-  """``3`` or ``(1, 2)`` as a tuple of ints; ``None`` for anything else (bools, strings, floats)."""
-  is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, bool)  # noqa: E731
-  if is_int(value):
-    return (int(value),)
-  if isinstance(value, (str, bytes)):
-    return None
-  try:
-    nums = tuple(value)
-  except TypeError:
-    return None
-  return tuple(int(i) for i in nums) if all(is_int(i) for i in nums) else None
-
-
-def _validate_options(*, static_argnums, policy, offload, prevent_cse, check_determinism):
+def validate_options(*, static_argnums, policy, offload, prevent_cse, check_determinism, api: str = _API):
+  """``remat.checkpoint``'s options, checked; errors name ``api`` (an adapter passes its own)."""
   nums = int_tuple(static_argnums)
   if nums is None:
     raise TypeError(
-        f"the `static_argnums` argument to {_API} must be an int or a tuple of "
+        f"the `static_argnums` argument to {api} must be an int or a tuple of "
         f"ints, but got {static_argnums!r}. Pass the positions of the static "
         "positional arguments, e.g. `static_argnums=(1,)`.")
   if policy is not None and not callable(policy):
     raise TypeError(
-        f"the `policy` argument to {_API} must be None or a callable "
+        f"the `policy` argument to {api} must be None or a callable "
         f"`(prim, *avals, **params) -> bool` such as "
         f"`jax.checkpoint_policies.dots_saveable`, but got {policy!r} of type "
         f"{type(policy).__name__}.")
   if offload is not None:
-    offload_lib.validate_offload(offload, api=_API)
-  prevent_cse = _check_prevent_cse(prevent_cse)
+    offload_lib.validate_offload(offload, api=api)
+  prevent_cse = _check_prevent_cse(prevent_cse, api)
   if not isinstance(check_determinism, bool):
     raise TypeError(
-        f"the `check_determinism` argument to {_API} must be a bool, but got "
+        f"the `check_determinism` argument to {api} must be a bool, but got "
         f"{check_determinism!r}.")
   return dict(static_argnums=nums, policy=policy, offload=offload,
               prevent_cse=prevent_cse, check_determinism=check_determinism)
 
 
-def _check_prevent_cse(prevent_cse) -> bool | tuple:
+def _check_prevent_cse(prevent_cse, api: str = _API) -> bool | tuple:
   """``True``/``False``, or a tuple of pytrees of bools (one entry per dynamic positional argument)."""
   if isinstance(prevent_cse, bool):
     return prevent_cse
@@ -204,7 +191,7 @@ def _check_prevent_cse(prevent_cse) -> bool | tuple:
     if all(isinstance(f, (bool, np.bool_)) for f in flags):
       return tuple(jax.tree_util.tree_map(bool, tuple(prevent_cse)))
   raise TypeError(
-      f"the `prevent_cse` argument to {_API} must be a bool, or a tuple with one bool (or pytree "
+      f"the `prevent_cse` argument to {api} must be a bool, or a tuple with one bool (or pytree "
       f"of bools) per dynamic positional argument as in `jax.checkpoint`, but got "
       f"{prevent_cse!r}. For `f(x, w)` use e.g. `prevent_cse=(False, True)` to leave `x` out "
       "of the barrier.")
@@ -291,7 +278,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
         cache.popitem(last=False)
     return traced(leaves, consts)
 
-  checkpointed = api_boundary(checkpointed)
+  checkpointed = compat.api_boundary(checkpointed)  # errors show the user's frames, not ours
   checkpointed.__wrapped__ = fn  # type: ignore[attr-defined]
   return checkpointed
 
@@ -387,32 +374,6 @@ def _as_array(x):
   return x
 
 
-def _is_key(x) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
-
-
-def _barrier(tree):
-  """``optimization_barrier`` over every leaf that it accepts (keys go via their data)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  plain_idx, plain = [], []
-  for i, x in enumerate(leaves):
-    if x is None or not hasattr(x, "dtype"):
-      continue
-    if x.dtype == jax.dtypes.float0:
-      continue
-    if _is_key(x):
-      plain_idx.append(i)
-      plain.append(("key", jax.random.key_impl(x), jax.random.key_data(x)))
-    else:
-      plain_idx.append(i)
-      plain.append(("arr", None, x))
-  datas = jax.lax.optimization_barrier([d for _, _, d in plain])
-  leaves = list(leaves)
-  for i, (kind, impl, _), d in zip(plain_idx, plain, datas, strict=True):
-    leaves[i] = jax.random.wrap_key_data(d, impl=impl) if kind == "key" else d
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def _same_bits(a, b) -> bool:
   """Bit-for-bit equality (NaN payloads and signed zeros included; any dtype, bf16 too)."""
   a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
@@ -422,8 +383,8 @@ def _same_bits(a, b) -> bool:
 def _check_outputs(name, out, again):
   leaves_a = [x for x in jax.tree_util.tree_leaves(out)]
   leaves_b = [x for x in jax.tree_util.tree_leaves(again)]
-  leaves_a = [jax.random.key_data(x) if _is_key(x) else x for x in leaves_a]
-  leaves_b = [jax.random.key_data(x) if _is_key(x) else x for x in leaves_b]
+  leaves_a = [jax.random.key_data(x) if specs.is_key(x) else x for x in leaves_a]
+  leaves_b = [jax.random.key_data(x) if specs.is_key(x) else x for x in leaves_b]
 
   def report(*flat):
     n = len(flat) // 2
@@ -478,7 +439,7 @@ def _build_call(converted, *, policy, offload, prevent_cse, check_determinism, n
       inner = jax.checkpoint(converted, policy=policy, prevent_cse=False)
       out, res = jax.vjp(inner, *flat)
     if check_determinism:
-      again = converted(*_barrier(flat))
+      again = converted(*barrier_lib.barrier(flat))
       _check_outputs(name, out, again)
     res_leaves = jax.tree_util.tree_leaves(res)
     if prevent_cse is None:
@@ -568,7 +529,7 @@ def _barrier_some(res, flags, ct):
   """``optimization_barrier`` over the cotangent and the residual leaves whose flag is set."""
   leaves, treedef = jax.tree_util.tree_flatten(res)
   picked = [x for x, f in zip(leaves, flags, strict=True) if f]
-  picked, ct = _barrier((picked, ct))
+  picked, ct = barrier_lib.barrier((picked, ct))
   it = iter(picked)
   leaves = [next(it) if f else x for x, f in zip(leaves, flags, strict=True)]
   return jax.tree_util.tree_unflatten(treedef, leaves), ct
