@@ -27,6 +27,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend.core import Literal, Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -160,3 +163,73 @@ ad.primitive_jvps[tangent_p] = _jvp
 ad.primitive_transposes[tangent_p] = _transpose
 batching.primitive_batchers[tangent_p] = _batch
 mlir.register_lowering(tangent_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+### A custom_jvp function from a vjp pair
+
+
+def custom_jvp_of(primal: Callable, fwd: Callable, bwd: Callable, jvp_from_residuals: Callable, *,
+                  name: str) -> Callable:
+  """``primal`` as a ``jax.custom_jvp`` function whose derivatives come from a vjp pair.
+
+  ``fwd(primals) -> (outputs, residuals, extra)`` runs the forward pass and
+  keeps what the backward needs; ``bwd(residuals, output_cotangents, extra)``
+  returns the input cotangents; ``jvp_from_residuals(residuals, input_tangents,
+  output_avals)`` the output tangents. The jvp rule runs ``fwd`` and returns
+  the tangents through one linear ``TangentMap`` call whose transpose is
+  ``bwd``, so reverse mode sees the vjp pair (and the residuals it keeps), and
+  forward mode sees only the tangent map. Zero tangents stay symbolic; integer
+  and key inputs get ``float0`` tangents.
+  """
+
+  @jax.custom_jvp
+  def call(*flat):
+    return primal(*flat)
+
+  def rule(primals, tangents):
+    out, res, extra = fwd(primals)
+    in_nz = [not isinstance(t, SymbolicZero) and _tangent_dtype(t) != jax.dtypes.float0
+             for t in tangents]
+    out_avals = [jax.typeof(o).to_tangent_aval() for o in out]
+    out_nz = [a.dtype != jax.dtypes.float0 for a in out_avals]
+    if not any(in_nz) or not any(out_nz):
+      return out, [zero_from_primal(o, symbolic_zeros=True) for o in out]
+    in_avals = [jax.typeof(p).to_tangent_aval() for p in primals]
+    res_leaves, res_tree = jax.tree_util.tree_flatten(res)
+
+    def full(values, nz, avals):
+      it = iter(values)
+      return [next(it) if z else _zeros(a) for z, a in zip(nz, avals, strict=True)]
+
+    def forward(res_leaves, nz_tangents):
+      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
+      out_dot = jvp_from_residuals(res, full(nz_tangents, in_nz, in_avals), out_avals)
+      return [t for t, z in zip(out_dot, out_nz, strict=True) if z]
+
+    def backward(res_leaves, nz_cts):
+      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
+      in_cts = bwd(res, full(nz_cts, out_nz, out_avals), extra)
+      return [c for c, z in zip(in_cts, in_nz, strict=True) if z]
+
+    tmap = TangentMap(
+        num_res=len(res_leaves), forward=forward, backward=backward, name=name,
+        out_avals=[a for a, z in zip(out_avals, out_nz, strict=True) if z])
+    nz_out = iter(tangent_call(
+        tmap, res_leaves, [t for t, z in zip(tangents, in_nz, strict=True) if z]))
+    out_dot = [next(nz_out) if z else zero_from_primal(o, symbolic_zeros=True)
+               for o, z in zip(out, out_nz, strict=True)]
+    return out, out_dot
+
+  call.defjvp(rule, symbolic_zeros=True)
+  return call
+
+
+def _tangent_dtype(t):
+  return getattr(t, "dtype", None)
+
+
+def _zeros(aval):
+  """A concrete zero tangent for ``aval`` (``float0`` for integer and key inputs)."""
+  if aval.dtype == jax.dtypes.float0:
+    return np.zeros(aval.shape, jax.dtypes.float0)
+  return jnp.zeros(aval.shape, aval.dtype)

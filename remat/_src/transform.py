@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
@@ -268,10 +267,12 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
     if traced is not None:
       cache.move_to_end(key)
       return traced(leaves, ())
-    traced, consts = _trace(fn, static, len(args), in_tree, leaves, **options)
-    traced.cse = _cse_flags(prevent_cse, dyn_args, kwargs, len(leaves), len(consts), fn)
-    traced.origins = (_leaf_origins(dyn_args, kwargs, [i for i in range(len(args)) if i not in static])
-                      + (None,) * len(consts))
+    converted, out_tree, forwarded, consts = _trace(fn, static, len(args), in_tree, leaves)
+    traced = _Traced(
+        converted, out_tree, forwarded, name=getattr(fn, "__name__", "fn"),
+        cse=_cse_flags(prevent_cse, dyn_args, kwargs, len(leaves), len(consts), fn),
+        origins=(_leaf_origins(dyn_args, kwargs, [i for i in range(len(args)) if i not in static])
+                 + (None,) * len(consts)), **options)
     if not consts:  # closed-over tracers belong to one trace: never keep them
       cache[key] = traced
       if len(cache) > _CACHE_SIZE:
@@ -283,8 +284,9 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
   return checkpointed
 
 
-def _trace(fn, static, nargs, in_tree, leaves, **options) -> tuple[_Traced, list[Any]]:
-  """Traces ``fn`` once for these input types; returns the trace and the closed-over tracers.
+def _trace(fn, static, nargs, in_tree, leaves) -> tuple[Callable, Any, list[int | None], list[Any]]:
+  """Traces ``fn`` once for these input types: the flat function, the output tree, where each
+  output comes from (an input position, or ``None``: computed) and the closed-over tracers.
 
   Closed-over tracers (``lambda x: f(params, x)`` with traced ``params``)
   become extra inputs, so that they are differentiated; closed-over concrete
@@ -313,23 +315,22 @@ def _trace(fn, static, nargs, in_tree, leaves, **options) -> tuple[_Traced, list
                         outvars=[v for v, j in zip(jaxpr.outvars, forwarded, strict=True) if j is None])
 
   converted = _fresh_name_stack(lambda *flat: jax.core.eval_jaxpr(jaxpr, kept, *flat))
-
-  name = getattr(fn, "__name__", "fn")
-  return _Traced(converted, out_tree, forwarded, name=name, **options), consts
+  return converted, out_tree, forwarded, consts
 
 
 class _Traced:
   """One trace of a checkpointed function: call it with the flat inputs and hoisted constants."""
 
-  def __init__(self, converted, out_tree, forwarded, *, name, policy, offload, check_determinism):
+  def __init__(self, converted, out_tree, forwarded, *, name, cse: tuple[bool, ...] | None,
+               origins: tuple[int | str | None, ...], policy, offload, check_determinism):
     self.converted = converted
     self.out_tree = out_tree
     self.forwarded = forwarded
     self.name = name
+    self.cse = cse
+    self.origins = origins
     self.options = dict(policy=policy, offload=offload, check_determinism=check_determinism)
-    self.cse: tuple[bool, ...] | None = None
-    self.origins: tuple[int | str | None, ...] = ()
-    self._call = None
+    self._call = None  # built on the first call
 
   def __call__(self, leaves, consts):
     if self._call is None:
@@ -472,57 +473,7 @@ def _build_call(converted, *, policy, offload, prevent_cse, check_determinism, n
     lin = jax.linear_transpose(lambda *ct: list(res(list(ct))), *out_avals)
     return lin(list(in_tangents))
 
-  @jax.custom_jvp
-  def call(*flat):
-    return converted(*flat)
-
-  def rule(primals, tangents):
-    out, res, cse = fwd(primals)
-    in_nz = [not isinstance(t, SymbolicZero) and _tangent_dtype(t) != jax.dtypes.float0
-             for t in tangents]
-    out_avals = [jax.typeof(o).to_tangent_aval() for o in out]
-    out_nz = [a.dtype != jax.dtypes.float0 for a in out_avals]
-    if not any(in_nz) or not any(out_nz):
-      return out, [zero_from_primal(o, symbolic_zeros=True) for o in out]
-    in_avals = [jax.typeof(p).to_tangent_aval() for p in primals]
-    res_leaves, res_tree = jax.tree_util.tree_flatten(res)
-
-    def full(values, nz, avals):
-      it = iter(values)
-      return [next(it) if z else _zeros(a) for z, a in zip(nz, avals, strict=True)]
-
-    def forward(res_leaves, nz_tangents):
-      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
-      out_dot = jvp_from_residuals(res, full(nz_tangents, in_nz, in_avals), out_avals)
-      return [t for t, z in zip(out_dot, out_nz, strict=True) if z]
-
-    def backward(res_leaves, nz_cts):
-      res = jax.tree_util.tree_unflatten(res_tree, res_leaves)
-      in_cts = bwd(res, full(nz_cts, out_nz, out_avals), cse)
-      return [c for c, z in zip(in_cts, in_nz, strict=True) if z]
-
-    tmap = tangent_lib.TangentMap(
-        num_res=len(res_leaves), forward=forward, backward=backward, name=name,
-        out_avals=[a for a, z in zip(out_avals, out_nz, strict=True) if z])
-    nz_out = iter(tangent_lib.tangent_call(
-        tmap, res_leaves, [t for t, z in zip(tangents, in_nz, strict=True) if z]))
-    out_dot = [next(nz_out) if z else zero_from_primal(o, symbolic_zeros=True)
-               for o, z in zip(out, out_nz, strict=True)]
-    return out, out_dot
-
-  call.defjvp(rule, symbolic_zeros=True)
-  return call
-
-
-def _tangent_dtype(t):
-  return getattr(t, "dtype", None)
-
-
-def _zeros(aval):
-  """A concrete zero tangent for ``aval`` (``float0`` for integer and key inputs)."""
-  if aval.dtype == jax.dtypes.float0:
-    return np.zeros(aval.shape, jax.dtypes.float0)
-  return jnp.zeros(aval.shape, aval.dtype)
+  return tangent_lib.custom_jvp_of(converted, fwd, bwd, jvp_from_residuals, name=name)
 
 
 def _barrier_some(res, flags, ct):
