@@ -19,6 +19,7 @@ from flax import nnx
 import remat
 from remat import segmenters as S
 from remat._src import execute, scanned
+from remat._src import plan as plan_lib
 from remat_bench.models.linen import TransformerBlock
 from remat_bench.models.nnx import TransformerBlock as NNXBlock
 from exactness import assert_close_to_scale, assert_same_gradients
@@ -474,7 +475,7 @@ def test_nnx_irregular_plans_budget_and_errors():
 
 def test_regular_candidates_round_trip_and_scanned_evaluations():
   for levels in scanned.regular_candidates(24):
-    assert tuple(execute.regular_levels(scanned.levels_tree(levels))) == levels
+    assert tuple(plan_lib.regular_levels(scanned.levels_tree(levels))) == levels
   assert scanned.scanned_evaluations(((12, True), (4, False))) == 96
   nested = ((4, True), (4, True), (3, False))
   assert scanned.describe_levels(nested) == "4 x checkpoint(4 x checkpoint(3 taped))"
@@ -507,7 +508,7 @@ def test_non_uniform_layer_policies_make_a_plan_irregular():
   fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(remat.Plan)}
   same = PolicyPlan(**fields, layer_policies=("dots",) * 4)
   mixed = PolicyPlan(**fields, layer_policies=(None, "dots") * 2)
-  assert execute.regular_levels(same) == [(2, True), (2, False)]
+  assert plan_lib.regular_levels(same) == [(2, True), (2, False)]
   assert execute.layer_policy(same) is jax.checkpoint_policies.dots_saveable
-  assert execute.regular_levels(mixed) is None
+  assert plan_lib.regular_levels(mixed) is None
   assert "different checkpoint policies" in scanned.not_scannable_reason(mixed, 4, "`x`")

@@ -34,7 +34,7 @@ from remat._src import profile as profile_lib
 from remat._src import rng as rng_lib
 from remat._src import specs
 from remat._src import transform
-from remat._src.execute import layer_callers
+from remat._src.signature import layer_callers
 from remat._src.plan import LayerCost
 
 _CACHE: dict[Any, tuple[int, int, float, float, int]] = {}

@@ -9,7 +9,6 @@ checkpoint a segment's function. Planning never imports this module.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -22,8 +21,8 @@ from remat._src import policies
 from remat._src import rng as rng_lib
 from remat._src import barrier as barrier_lib
 from remat._src import transform
-from remat._src.plan import Plan, Segment
-from remat._src.signature import positional_arity
+from remat._src.plan import Levels, Plan, Segment
+from remat._src.signature import layer_callers
 
 # A checkpointed segment's function is ``fn(items, x)``: offloading its stored
 # input moves argument 1 (never the parameters or modules in ``items``).
@@ -87,15 +86,6 @@ def checkpoint_segment(fn: Callable, offload: bool, policy: str | None = None) -
 ### Pure layer functions
 
 
-def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
-  """``(p, x, key) -> y`` for every layer, whether it is ``layer(p, x)`` or ``layer(p, x, key)``."""
-  out = []
-  for f in layers:
-    arity = positional_arity(f)
-    out.append(f if arity is None or arity >= 3 else (lambda p, x, key, f=f: f(p, x)))
-  return out
-
-
 def call_tied(f: Callable, p: Any, x: Any, key: Any) -> Any:
   """``f(p, x, key)`` with the key made available only together with ``x`` (``barrier.tie_keys``)."""
   if jax.tree_util.tree_leaves(key):
@@ -118,52 +108,10 @@ def apply_plan(plan: Plan, layers: Sequence[Callable], params: Sequence[Any], x:
 
 ### Scanned levels (parameters stacked on a leading axis)
 
-Levels = list[tuple[int, bool]]
-
-
-def regular_levels(plan_or_root: Plan | Segment) -> Levels | None:
-  """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None.
-
-  Such a plan runs as nested ``lax.scan``s. Plans with an offloaded input are
-  not scanned: every segment of a scan is the same program. For the same
-  reason a :class:`Plan` whose per-layer attributes (``layer_policies``, when
-  plans carry them) differ between layers is not regular.
-  """
-  if isinstance(plan_or_root, Plan):
-    names = plan_or_root.layer_policies
-    if any(p != names[0] for p in names):
-      return None
-    plan_or_root = plan_or_root.root
-  return _levels(plan_or_root)
-
-
 def layer_policy(plan: Plan) -> Any:
   """The jax checkpoint policy every taped layer of a regular ``plan`` uses (``None``: tape all)."""
   names = plan.layer_policies
   return policies.policy_of(names[0]) if names and names[0] is not None else None
-
-
-def _levels(root: Segment) -> Levels | None:
-  if _has_offload(root):
-    return None
-  if not root.children:
-    return [(root.size, False)]
-  first = root.children[0]
-  shape = _shape(first)
-  if any(_shape(c) != shape for c in root.children):
-    return None
-  inner = _levels(dataclasses.replace(first, checkpoint=False))
-  if inner is None:
-    return None
-  return [(len(root.children), first.checkpoint)] + inner
-
-
-def _has_offload(seg: Segment) -> bool:
-  return seg.offload or any(_has_offload(c) for c in seg.children)
-
-
-def _shape(seg: Segment):
-  return (seg.size, seg.checkpoint, tuple(_shape(c) for c in seg.children))
 
 
 def scan_levels(caller: Callable, levels: Levels, params: Any, x: Any, keys: Any, *,

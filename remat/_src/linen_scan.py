@@ -40,7 +40,6 @@ from remat._src import compat
 from remat._src import execute
 from remat._src import scanned
 from remat._src import specs
-from remat._src.plan import Plan
 
 _API = "`remat.linen.scan`"
 
@@ -173,7 +172,7 @@ def _lift_scan(fn: Callable, *, mode: str, length: int, segmenter: Any, variable
       return fn(scopes, x, *args, **kwargs)
 
     first = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)  # noqa: E731
-    needs_layer = segmenter is not None and not isinstance(segmenter, Plan) and segmenter.needs_costs
+    needs_layer = scanned.measures_layer(segmenter)
     if needs_layer and adapter_util.has_array((args, kwargs)):
       raise NotImplementedError(
           f"{_API}: `{segmenter!r}` measures one block in a compile of its own, which cannot see "

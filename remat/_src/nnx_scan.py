@@ -35,7 +35,6 @@ from remat._src import nnx as nnx_lib
 from remat._src import scanned
 from remat._src import segmenters as seg_lib
 from remat._src import specs
-from remat._src.plan import Plan
 
 _API = "`remat.nnx.scan`"
 _MODULE_API = "`remat.nnx.Scan`"
@@ -227,7 +226,7 @@ def _run(f, segmenter, blocks, x, args, kwargs, *, plan_only: bool, api: str):
     return (y, [nnx.split(node)[1] for node in fresh]), nnx.split(block, nnx.Param, ...)[2]
 
   x_in = (x, [st for _, st in splits]) if nodes else x
-  needs_costs = segmenter is not None and not isinstance(segmenter, Plan) and segmenter.needs_costs
+  needs_costs = scanned.measures_layer(segmenter)
   if needs_costs and adapter_util.has_array(put([None] * len(nodes))):  # arrays besides the graph state
     raise NotImplementedError(
         f"{api}: `{segmenter!r}` measures one block in a compile of its own, which cannot see array "

@@ -428,3 +428,46 @@ class _Simulator:
       self._drop_state(i)
 
 
+### Plans that run as nested scans
+
+
+Levels = list[tuple[int, bool]]
+
+
+def regular_levels(plan_or_root: Plan | Segment) -> Levels | None:
+  """``[(count, checkpoint), ...]`` from the outside in when every level is uniform, else None.
+
+  Such a plan runs as nested ``lax.scan``s. Plans with an offloaded input are
+  not scanned: every segment of a scan is the same program. For the same
+  reason a :class:`Plan` whose per-layer attributes (``layer_policies``, when
+  plans carry them) differ between layers is not regular.
+  """
+  if isinstance(plan_or_root, Plan):
+    names = plan_or_root.layer_policies
+    if any(p != names[0] for p in names):
+      return None
+    plan_or_root = plan_or_root.root
+  return _levels(plan_or_root)
+
+
+def _levels(root: Segment) -> Levels | None:
+  if _has_offload(root):
+    return None
+  if not root.children:
+    return [(root.size, False)]
+  first = root.children[0]
+  shape = _shape(first)
+  if any(_shape(c) != shape for c in root.children):
+    return None
+  inner = _levels(dataclasses.replace(first, checkpoint=False))
+  if inner is None:
+    return None
+  return [(len(root.children), first.checkpoint)] + inner
+
+
+def _has_offload(seg: Segment) -> bool:
+  return seg.offload or any(_has_offload(c) for c in seg.children)
+
+
+def _shape(seg: Segment):
+  return (seg.size, seg.checkpoint, tuple(_shape(c) for c in seg.children))

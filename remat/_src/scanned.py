@@ -2,7 +2,7 @@
 
 A stack runs as nested ``lax.scan``s (``execute.scan_levels``), which needs a
 *regular* plan: at every level the segments have the same shape
-(``execute.regular_levels``). This module decides the plan of a stack and says
+(``plan_lib.regular_levels``). This module decides the plan of a stack and says
 in a :class:`ScanPlan` whether and how it is scanned. It is shared by
 ``remat.linen.scan`` and ``remat.nnx.Scan`` / ``remat.nnx.scan``:
 
@@ -29,9 +29,11 @@ import jax
 
 from remat._src import costs as costs_lib
 from remat._src import execute
+from remat._src import plan as plan_lib
 from remat._src import profile as profile_lib
 from remat._src import segmenters as seg_lib
 from remat._src.budget import budget as budget_cls
+from remat._src.fit import auto as auto_cls
 from remat._src.plan import LayerCost, Plan, Segment, make_plan
 
 Levels = tuple[tuple[int, bool], ...]
@@ -100,10 +102,19 @@ def check_scannable(segmenter: Any, n: int, api: str) -> None:
         f"{api} runs every layer with the same program, so it cannot offload some segments' inputs "
         f"as `{segmenter!r}` may; drop `offload=` from `remat.segmenters.budget`, or use "
         "`remat.linen.Sequential` / `remat.nnx.Sequential` (unrolled).")
-  if segmenter is None or isinstance(segmenter, Plan) or not segmenter.needs_costs:
+  if not measures_layer(segmenter):
     sp = plan_stack(segmenter, n, api=api)
     if not sp.scanned:
       raise NotScannableError(sp.reason)
+
+
+def measures_layer(segmenter: Any) -> bool:
+  """Whether planning a stack under ``segmenter`` measures its layer: for cost-based segmenters,
+  and for ``auto()`` always (even when ``remat.fit`` hands it a chosen plan and measures nothing
+  else): its plan is snapped to the cheapest regular plan by the layer's costs."""
+  if segmenter is None or isinstance(segmenter, Plan):
+    return False
+  return bool(segmenter.needs_costs) or isinstance(segmenter, auto_cls)
 
 
 def plan_stack(segmenter: Any, n: int, *, api: str, layer: Callable | None = None, p_spec: Any = None,
@@ -123,11 +134,11 @@ def plan_stack(segmenter: Any, n: int, *, api: str, layer: Callable | None = Non
     plan = make_plan(Segment(0, n), None, n, "plain")
   elif isinstance(segmenter, Plan):
     plan = segmenter
-  elif segmenter.needs_costs:
+  elif measures_layer(segmenter):
     return _cost_based(segmenter, n, api, layer, p_spec, x_spec, k_spec)
   else:
     plan = segmenter.plan(n)
-  levels = execute.regular_levels(plan)
+  levels = plan_lib.regular_levels(plan)
   if levels is None:
     return ScanPlan(plan, (), reason=not_scannable_reason(plan, n, api))
   return ScanPlan(plan, tuple(levels))
@@ -157,7 +168,7 @@ def scannable_segmenters(n: int) -> list[str]:
   out = [f"`every(k)` for k in {ks}"]
   for name, seg in [("sqrt()", seg_lib.sqrt())] + [(f"multilevel({m})", seg_lib.multilevel(m))
                                                     for m in (1, 2, 3)]:
-    if execute.regular_levels(seg.plan(n)) is not None:
+    if plan_lib.regular_levels(seg.plan(n)) is not None:
       out.append(f"`{name}`")
   return out
 
@@ -187,7 +198,7 @@ def scanned_evaluations(levels: Levels) -> int:
 
 
 def levels_tree(levels: Levels) -> Segment:
-  """The segment tree of a regular plan (``execute.regular_levels`` inverts it)."""
+  """The segment tree of a regular plan (``plan_lib.regular_levels`` inverts it)."""
   n = math.prod(c for c, _ in levels)
 
   def children(start, levels):
@@ -239,17 +250,17 @@ def _cost_based(segmenter, n, api, layer, p_spec, x_spec, k_spec) -> ScanPlan:
       temp = lambda plan: _compiled_temp(plan, layer, n, p_spec, x_spec, k_spec)  # noqa: E731
       _SNAPPED[key] = _verified(segmenter, candidates, cost, temp, api)
     plan = _SNAPPED[key]
-    return ScanPlan(plan, tuple(execute.regular_levels(plan)))
+    return ScanPlan(plan, tuple(plan_lib.regular_levels(plan)))
   requested = segmenter.plan(costs)
-  if execute.regular_levels(requested) is not None:
-    return ScanPlan(requested, tuple(execute.regular_levels(requested)))
+  if plan_lib.regular_levels(requested) is not None:
+    return ScanPlan(requested, tuple(plan_lib.regular_levels(requested)))
   limit = requested.predicted_peak_bytes
   fits = [p for p in candidates if limit is None or p.predicted_peak_bytes <= limit]
   if not fits:  # nothing regular is predicted that small: the smallest regular plan
     fits = [min(candidates, key=lambda p: p.predicted_peak_bytes)]
   plan = min(fits, key=lambda p: (_scan_flops(p, cost), p.predicted_peak_bytes))
   plan = dataclasses.replace(plan, segmenter=f"{segmenter!r} -> {plan.segmenter}")
-  return ScanPlan(plan, tuple(execute.regular_levels(plan)), requested=requested)
+  return ScanPlan(plan, tuple(plan_lib.regular_levels(plan)), requested=requested)
 
 
 def _verified(seg, candidates: list[Plan], cost: LayerCost, temp: Callable[[Plan], int], api: str) -> Plan:
@@ -278,7 +289,7 @@ def _verified(seg, candidates: list[Plan], cost: LayerCost, temp: Callable[[Plan
 
 def _compiled_temp(plan: Plan, layer, n, p_spec, x_spec, k_spec) -> int:
   """Compiled temp bytes of the stack's reference step, scanned under ``plan``."""
-  levels = execute.regular_levels(plan)
+  levels = plan_lib.regular_levels(plan)
   stack = lambda a: jax.ShapeDtypeStruct((n,) + tuple(a.shape), a.dtype)  # noqa: E731
   ps, ks = jax.tree_util.tree_map(stack, p_spec), jax.tree_util.tree_map(stack, k_spec)
   run = lambda ps, x, ks: execute.scan_levels(layer, levels, ps, x, ks)  # noqa: E731
@@ -286,7 +297,7 @@ def _compiled_temp(plan: Plan, layer, n, p_spec, x_spec, k_spec) -> int:
 
 
 def _scan_flops(plan: Plan, cost: LayerCost) -> float:
-  levels = execute.regular_levels(plan)
+  levels = plan_lib.regular_levels(plan)
   extra = scanned_evaluations(tuple(levels)) - plan.forward_evaluations
   return (plan.predicted_flops or 0.0) + extra * cost.flops
 

@@ -15,7 +15,9 @@ import jax
 
 from remat._src import costs as costs_lib
 from remat._src import execute
+from remat._src import plan as plan_lib
 from remat._src import profile as profile_lib
+from remat._src import signature
 from remat._src import specs
 from remat._src.plan import Plan, Segment, Verifier, make_plan
 from remat._src.segmenters import check_segmenter
@@ -138,7 +140,7 @@ def chain_plan(layers: Sequence[Callable], plan_or_segmenter: Any, params: Seque
 def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
   """``sequential`` for one layer function over parameters stacked on axis 0."""
   check_segmenter(plan_or_segmenter, _API)
-  caller = execute.layer_callers([layer])[0]
+  caller = signature.layer_callers([layer])[0]
 
   def depth_of(params):
     sizes = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(params)}
@@ -156,7 +158,7 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
   def apply(params, x, key=None):
     n = depth_of(params)
     plan = plan_for(params, x, key)
-    levels = execute.regular_levels(plan)
+    levels = plan_lib.regular_levels(plan)
     if levels is None:
       unstacked = [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(n)]
       return execute.apply_plan(plan, [layer] * n, unstacked, x, key)
@@ -165,7 +167,7 @@ def _stacked(layer: Callable, plan_or_segmenter: Any) -> Callable:
 
   apply.plan_for = plan_for  # type: ignore[attr-defined]
   apply.scanned = lambda params, x, key=None: (  # type: ignore[attr-defined]
-      execute.regular_levels(plan_for(params, x, key)) is not None)
+      plan_lib.regular_levels(plan_for(params, x, key)) is not None)
   return apply
 
 

@@ -4,6 +4,7 @@ positions a ``static_argnums`` names."""
 from __future__ import annotations
 
 import inspect
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,3 +43,12 @@ def int_tuple(value) -> tuple[int, ...] | None:
   except TypeError:
     return None
   return tuple(int(i) for i in nums) if all(is_int(i) for i in nums) else None
+
+
+def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
+  """``(p, x, key) -> y`` for every layer, whether it is ``layer(p, x)`` or ``layer(p, x, key)``."""
+  out = []
+  for f in layers:
+    arity = positional_arity(f)
+    out.append(f if arity is None or arity >= 3 else (lambda p, x, key, f=f: f(p, x)))
+  return out
