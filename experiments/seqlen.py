@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 import remat
 from remat import segmenters as S
-from remat._src import cli
-from remat._src.units import format_bytes
+from remat._src.cli import cli
+from remat._src.util.units import format_bytes
 from remat_bench import tradeoff
 from remat_bench.models.linen import TransformerBlock
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from remat._src.cli import main
+from remat._src.cli.cli import main
 
 
 def _run() -> None:

@@ -6,10 +6,10 @@ Example:
   >>> f = remat.nnx.checkpoint(lambda m, x: m(x))
 """
 
-from remat._src.nnx import BoundMethodError, checkpoint
-from remat._src.nnx_scan import Scan, scan, stack
-from remat._src.nnx_sequential import Sequential
-from remat._src.scanned import NotScannableError, ScanPlan
+from remat._src.adapters.nnx import BoundMethodError, checkpoint
+from remat._src.adapters.nnx_scan import Scan, scan, stack
+from remat._src.adapters.nnx_sequential import Sequential
+from remat._src.chains.scanned import NotScannableError, ScanPlan
 
 __all__ = ["BoundMethodError", "NotScannableError", "Scan", "ScanPlan", "Sequential", "checkpoint", "scan",
            "stack"]

@@ -1,4 +1,4 @@
-"""Host offload of checkpoint residuals on XLA memory kinds (see ``remat/_src/offload.py``).
+"""Host offload of checkpoint residuals on XLA memory kinds (see ``remat/_src/core/offload.py``).
 
 ``host(...)`` is the runtime policy; ``HostLink`` is the transfer/compute model
 that the planner assumes for it.
@@ -7,8 +7,8 @@ that the planner assumes for it.
 >>> policy = remat.offload.host(argnums=1)  # use as remat.checkpoint(f, offload=policy)
 """
 
-from remat._src.hostlink import DEFAULT_BANDWIDTH, DEFAULT_COMPUTE_RATE, DEFAULT_LATENCY_S, HostLink
-from remat._src.offload import (
+from remat._src.core.hostlink import DEFAULT_BANDWIDTH, DEFAULT_COMPUTE_RATE, DEFAULT_LATENCY_S, HostLink
+from remat._src.core.offload import (
     DEFAULT_MIN_BYTES,
     HostOffload,
     OffloadNotExecutedWarning,

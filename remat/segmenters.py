@@ -6,11 +6,11 @@ from XLA (``measure_costs``). Each follows the ``Segmenter`` protocol: ``.plan(c
 returns a ``Plan``; apply it with ``remat.sequential``.
 """
 
-from remat._src.budget import GlobalShapesWarning, budget, min_feasible_bytes, offload_candidates
-from remat._src.costs import measure_costs
-from remat._src.fit import auto
-from remat._src.plan import LayerCost, Plan, Segment, Verifier
-from remat._src.segmenters import (
+from remat._src.fitting.budget import GlobalShapesWarning, budget, min_feasible_bytes, offload_candidates
+from remat._src.measure.costs import measure_costs
+from remat._src.fitting.fit import auto
+from remat._src.plans.plan import LayerCost, Plan, Segment, Verifier
+from remat._src.plans.segmenters import (
     Segmenter,
     every,
     multilevel,

@@ -13,7 +13,7 @@ import chex
 import jax
 import numpy as np
 
-from remat._src import compat
+from remat._src.util import compat
 
 BIT_EXACT = compat.JAX_VERSION < (0, 11)
 

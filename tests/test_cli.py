@@ -15,9 +15,9 @@ import pytest
 
 import remat
 from remat import segmenters as S
-from remat._src import cli, cli_model
-from remat._src.plan import LayerCost, Verifier
-from remat._src.units import format_bytes, parse_bytes
+from remat._src.cli import cli, cli_model
+from remat._src.plans.plan import LayerCost, Verifier
+from remat._src.util.units import format_bytes, parse_bytes
 from remat_bench import chains, tradeoff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -454,7 +454,7 @@ def test_fit_errors_are_one_line(capsys):
 
 
 def test_largest_search_and_what_a_stopped_search_reports():
-  from remat._src.cli_fit import Largest
+  from remat._src.cli.cli_fit import Largest
   seen = []
   s = Largest(lambda n: seen.append(n) or n <= 37, 4)
   assert s.run() == 37 and s.found() == "37"
@@ -471,7 +471,7 @@ def test_largest_search_and_what_a_stopped_search_reports():
 
 @pytest.mark.parametrize("stop", ["time", "ctrl-c"])
 def test_fit_search_is_bounded_and_reports_what_it_found(stop, capsys, monkeypatch):
-  from remat._src import cli_fit
+  from remat._src.cli import cli_fit
   calls = []
 
   def fake_fits(model, memory):  # remat.fit's probes: the user presses Ctrl-C during the first
@@ -547,9 +547,9 @@ def test_cli_modules_import_one_way():
   import pathlib
 
   order = ["cli", "cli_fit", "cli_model", "cli_util"]
-  src = pathlib.Path(__file__).parent.parent / "remat" / "_src"
+  src = pathlib.Path(__file__).parent.parent / "remat" / "_src" / "cli"
   for i, name in enumerate(order):
     tree = ast.parse((src / f"{name}.py").read_text())
     imported = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
-                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("remat._src.cli")}
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("remat._src.cli.cli")}
     assert imported <= set(order[i + 1:]), (name, imported)

@@ -1,4 +1,4 @@
-"""remat/_src/compat.py: every private jax/flax name, and what happens without it.
+"""remat/_src/util/compat.py: every private jax/flax name, and what happens without it.
 
 Each hidden-name test runs in a fresh interpreter: it imports jax and flax, hides
 the name (the module made unimportable with ``sys.modules[name] = None``, or
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 import remat
-from remat._src import compat
+from remat._src.util import compat
 
 # -- On the versions we test, every name is found (no silent fallback) --------
 
@@ -160,7 +160,7 @@ from flax import nnx
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
   import remat
-  from remat._src import compat
+  from remat._src.util import compat
   out = {{}}
 {body}
 out["warnings"] = [str(w.message) for w in caught if w.category.__name__ == "CompatibilityWarning"]
@@ -225,7 +225,7 @@ def test_without_jax_traceback_config_checkpoints_still_work():
 
 def test_without_jax_saved_residuals_the_listing_is_the_same():
   body = """
-  from remat._src import profile as profile_lib
+  from remat._src.measure import profile as profile_lib
   w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
   f = remat.checkpoint(lambda w, x: jnp.tanh(jnp.sin(x @ w) @ w),
                        policy=jax.checkpoint_policies.dots_saveable)

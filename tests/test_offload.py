@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import remat
-from remat._src import offload as offload_lib
+from remat._src.core import offload as offload_lib
 from lowering import cuda_placements
 
 B, H, DEPTH = 32, 16, 4  # activations are (B, H), parameters (H, H): told apart by shape

@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from remat._src import compat
+from remat._src.util import compat
 
 # 8 layers tanh(x @ w) on a 256 x 128 batch (one activation = 128 KiB), in 2 checkpointed segments
 # of 4. The plain step keeps 9 activations, the checkpointed one 6 with the barriers, 10 without.

@@ -12,11 +12,11 @@ import pytest
 
 import remat
 from remat import segmenters as S
-from remat._src import budget as budget_lib
-from remat._src import costs as costs_lib
-from remat._src import fit as fit_lib
-from remat._src import plan_cache
-from remat._src import profile as profile_lib
+from remat._src.fitting import budget as budget_lib
+from remat._src.measure import costs as costs_lib
+from remat._src.fitting import fit as fit_lib
+from remat._src.measure import plan_cache
+from remat._src.measure import profile as profile_lib
 
 D, B, W = 8, 256, 64
 
@@ -138,7 +138,7 @@ def test_the_cache_is_off_with_an_empty_directory(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
-from remat._src import plan_cache
+from remat._src.measure import plan_cache
 plan_cache.set_plan_cache_dir(sys.argv[1])
 for i in range(60):
   plan_cache.store("fit", {"same": "key"}, {"writer": sys.argv[2], "i": i, "pad": "x" * 200_000})

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import remat
-from remat._src import compat
+from remat._src.util import compat
 from remat import segmenters as S
 from remat.segmenters import Plan, Segment
 

@@ -13,9 +13,9 @@ import jax
 import pytest
 
 import remat
-from remat._src import cli
-from remat._src import compat
-from remat._src.cli_model import from_dict
+from remat._src.cli import cli
+from remat._src.util import compat
+from remat._src.cli.cli_model import from_dict
 from tests.exactness import assert_same_gradients
 
 ROOT = pathlib.Path(__file__).parent.parent

@@ -18,8 +18,8 @@ from flax import nnx
 
 import remat
 from remat import segmenters as S
-from remat._src import execute, scanned
-from remat._src import plan as plan_lib
+from remat._src.chains import execute, scanned
+from remat._src.plans import plan as plan_lib
 from remat_bench.models.linen import TransformerBlock
 from remat_bench.models.nnx import TransformerBlock as NNXBlock
 from exactness import assert_close_to_scale, assert_same_gradients

@@ -205,7 +205,7 @@ def test_budget_dp_matches_brute_force_with_policies_and_offload(layers, frac, o
   backend that executes offload): the DP's cheapest tree within a budget is the brute force's."""
   import dataclasses
 
-  from remat._src.budget import _BudgetDP
+  from remat._src.fitting.budget import _BudgetDP
 
   def layer(a, k, w, f, has_policy):
     c = lc(a * 100, k * 100, w * 100, f * 1e6)

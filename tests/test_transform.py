@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import remat
-from remat._src import compat
-from remat._src import compile as remat_compile
+from remat._src.util import compat
+from remat._src.core import compile as remat_compile
 
 jit_modes = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 
@@ -242,7 +242,7 @@ def test_determinism_check_compares_bits_in_every_dtype():
   f = remat.checkpoint(jnp.log, check_determinism=True)
   for dtype in (jnp.float32, jnp.bfloat16):
     jax.grad(lambda x, f=f: f(x).sum())(jnp.array([-1.0, 2.0], dtype))
-  assert not remat._src.transform._same_bits(np.float32(0.0), np.float32(-0.0))
+  assert not remat._src.core.transform._same_bits(np.float32(0.0), np.float32(-0.0))
 
 
 def test_static_argnums_and_decorator_forms():

@@ -24,8 +24,9 @@ import jax
 
 import remat
 from remat import segmenters as seg_lib
-from remat._src.cli_util import OneLineParser, make_progress, markdown_table, nearest_divisor, positive_int
-from remat._src.units import format_bytes
+from remat._src.cli.cli_util import (OneLineParser, make_progress, markdown_table, nearest_divisor,
+                                     positive_int)
+from remat._src.util.units import format_bytes
 from remat_bench import chains
 
 __all__ = ["METHODS", "STYLES", "check_claims", "environment", "figures", "founding_table",

@@ -1,0 +1,2 @@
+"""The Flax adapters: linen and NNX checkpoint, Sequential and scan.
+"""

@@ -1,0 +1,2 @@
+"""Measuring XLA: compiled profiles, per-layer costs, and the persistent plan cache.
+"""

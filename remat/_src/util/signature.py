@@ -1,0 +1,54 @@
+"""Signatures: the positional arity of a callable (the one place that inspects them), and the
+positions a ``static_argnums`` names."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def positional_arity(fn) -> int | None:
+  """How many positional parameters ``fn`` takes; ``None`` if unbounded (``*args``) or unknown.
+
+  Example:
+
+    >>> from remat._src.util.signature import positional_arity
+    >>> positional_arity(lambda p, x, key=None: x), positional_arity(lambda *a: a)
+    (3, None)
+  """
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  n = 0
+  for p in sig.parameters.values():
+    if p.kind == p.VAR_POSITIONAL:
+      return None
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+      n += 1
+  return n
+
+
+def int_tuple(value) -> tuple[int, ...] | None:
+  """``3`` or ``(1, 2)`` as a tuple of ints; ``None`` for anything else (bools, strings, floats)."""
+  is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, bool)  # noqa: E731
+  if is_int(value):
+    return (int(value),)
+  if isinstance(value, (str, bytes)):
+    return None
+  try:
+    nums = tuple(value)
+  except TypeError:
+    return None
+  return tuple(int(i) for i in nums) if all(is_int(i) for i in nums) else None
+
+
+def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
+  """``(p, x, key) -> y`` for every layer, whether it is ``layer(p, x)`` or ``layer(p, x, key)``."""
+  out = []
+  for f in layers:
+    arity = positional_arity(f)
+    out.append(f if arity is None or arity >= 3 else (lambda p, x, key, f=f: f(p, x)))
+  return out
