@@ -41,7 +41,7 @@ from flax import linen as nn
 from remat._src.adapters import adapter_util
 from remat._src.core import barrier as barrier_lib
 from remat._src.util import compat
-from remat._src.util.signature import int_tuple, positional_arity
+from remat._src.util.signature import positional_arity, static_argnums_of
 from remat._src.core import transform as transform_lib
 
 _API = "`remat.linen.checkpoint`"
@@ -311,12 +311,8 @@ def _check_module_class(module_cls) -> type[nn.Module]:
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  nums = int_tuple(static_argnums)
-  if nums is None:
-    raise TypeError(
-        f"the `static_argnums` argument to {_API} must be an int or a tuple of ints "
-        f"(counting `self` as 0), but got {static_argnums!r}. For "
-        "`__call__(self, x, train)` use `static_argnums=(2,)`.")
+  nums = static_argnums_of(static_argnums, api=_API, example="static_argnums=(2,)",
+                           note="counting `self` as 0")
   bad = [int(i) for i in nums if i < 1]
   if bad:
     raise ValueError(

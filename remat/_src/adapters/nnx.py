@@ -32,7 +32,7 @@ from flax import nnx
 from remat._src.adapters import adapter_util
 from remat._src.core import barrier as barrier_lib
 from remat._src.util import compat
-from remat._src.util.signature import int_tuple, positional_arity
+from remat._src.util.signature import positional_arity, static_argnums_of, static_positions
 from remat._src.core import transform as transform_lib
 from remat._src.util import pytypes as rt
 
@@ -165,12 +165,7 @@ def checkpoint(
     if kwargs:
       args = tuple(compat.resolve_kwargs(f, args, kwargs))
     static = set()
-    for i in nums:
-      j = i + len(args) if i < 0 else i
-      if not 0 <= j < len(args):
-        raise ValueError(
-            f"the `static_argnums` argument to {_API} is out of range: index {i} for a "
-            f"call of `{_name(f)}` with {len(args)} positional arguments.")
+    for i, j in zip(nums, static_positions(nums, len(args), _name(f), api=_API), strict=True):
       if adapter_util.has_array(args[j]) or holds_graph_state(args[j]):
         raise TypeError(
             f"{_API}: `static_argnums` includes position {i} of `{_name(f)}`, but the "
@@ -326,13 +321,8 @@ def _check_callable(f):
 
 
 def _check_static_argnums(static_argnums) -> tuple[int, ...]:
-  nums = int_tuple(static_argnums)
-  if nums is None:
-    raise TypeError(
-        f"the `static_argnums` argument to {_API} must be an int or a tuple of ints, "
-        f"but got {static_argnums!r}. For a method `__call__(self, x, train)` use "
-        "`static_argnums=(2,)`.")
-  return tuple(int(i) for i in nums)
+  return static_argnums_of(static_argnums, api=_API, example="static_argnums=(2,)",
+                           note="for a method `__call__(self, x, train)`, `self` is 0")
 
 
 def _check_static_in_range(nums, f):

@@ -40,7 +40,7 @@ from remat._src.core import offload as offload_lib
 from remat._src.util import pytypes as rt
 from remat._src.util import specs
 from remat._src.core import tangent as tangent_lib
-from remat._src.util.signature import int_tuple, positional_arity
+from remat._src.util.signature import positional_arity, static_argnums_of, static_positions
 
 _API = "`remat.checkpoint`"
 
@@ -158,12 +158,7 @@ def checkpoint(
 
 def validate_options(*, static_argnums, policy, offload, prevent_cse, check_determinism, api: str = _API):
   """``remat.checkpoint``'s options, checked; errors name ``api`` (an adapter passes its own)."""
-  nums = int_tuple(static_argnums)
-  if nums is None:
-    raise TypeError(
-        f"the `static_argnums` argument to {api} must be an int or a tuple of "
-        f"ints, but got {static_argnums!r}. Pass the positions of the static "
-        "positional arguments, e.g. `static_argnums=(1,)`.")
+  nums = static_argnums_of(static_argnums, api=api)
   if policy is not None and not callable(policy):
     raise TypeError(
         f"the `policy` argument to {api} must be None or a callable "
@@ -246,7 +241,7 @@ def _make_checkpointed(fn, *, static_argnums, policy, offload, prevent_cse, chec
 
   @functools.wraps(fn)
   def checkpointed(*args, **kwargs):
-    nums = _normalize_static(static_argnums, len(args), fn)
+    nums = set(static_positions(static_argnums, len(args), getattr(fn, '__name__', repr(fn)), api=_API))
     static = {i: args[i] for i in sorted(nums)}
     for i, v in static.items():
       try:
@@ -342,19 +337,6 @@ class _Traced:
     return jax.tree_util.tree_unflatten(self.out_tree, out)
 
 
-def _normalize_static(static_argnums, nargs, fn):
-  out = set()
-  for i in static_argnums:
-    j = i + nargs if i < 0 else i
-    if not 0 <= j < nargs:
-      raise ValueError(
-          f"the `static_argnums` argument to {_API} is out of range: index {i} "
-          f"for a call of {getattr(fn, '__name__', fn)!r} with {nargs} positional "
-          "argument(s). Pass the static argument positionally, or fix the index.")
-    out.add(j)
-  return out
-
-
 def _leaf_origins(dyn_args, kwargs, positions) -> tuple[int | str, ...]:
   """Where each flat input leaf comes from: its positional index in the call, or its keyword.
 
@@ -375,7 +357,7 @@ def _as_array(x):
   return x
 
 
-def _same_bits(a, b) -> bool:
+def same_bits(a, b) -> bool:
   """Bit-for-bit equality (NaN payloads and signed zeros included; any dtype, bf16 too)."""
   a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
   return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
@@ -389,7 +371,7 @@ def _check_outputs(name, out, again):
 
   def report(*flat):
     n = len(flat) // 2
-    bad = [i for i in range(n) if not _same_bits(flat[i], flat[n + i])]
+    bad = [i for i in range(n) if not same_bits(flat[i], flat[n + i])]
     if bad:
       raise RecomputationMismatchError(
           f"{_API}(check_determinism=True): recomputing {name!r} did not reproduce "

@@ -52,3 +52,37 @@ def layer_callers(layers: Sequence[Callable]) -> list[Callable]:
     arity = positional_arity(f)
     out.append(f if arity is None or arity >= 3 else (lambda p, x, key, f=f: f(p, x)))
   return out
+
+
+def static_argnums_of(value, *, api: str, example: str = "static_argnums=(1,)",
+                      note: str = "") -> tuple[int, ...]:
+  """``static_argnums`` as a tuple of ints, or the one ``TypeError`` every wrapper raises.
+
+  Args:
+    value: what the user passed.
+    api: our API, named in the message.
+    example: a correct call for this API.
+    note: how this API counts positions (``"counting `self` as 0"``), if it says.
+  """
+  nums = int_tuple(value)
+  if nums is None:
+    how = f" ({note})" if note else ""
+    raise TypeError(
+        f"the `static_argnums` argument to {api} must be an int or a tuple of ints{how}, but got "
+        f"{value!r}. Pass the positions of the static positional arguments, e.g. `{example}`.")
+  return nums
+
+
+def static_positions(nums: Sequence[int], nargs: int, fn_name: str, *, api: str) -> list[int]:
+  """The positions ``static_argnums`` names in a call with ``nargs`` positional arguments
+  (negative ones counted from the end), or the one out-of-range ``ValueError``."""
+  out = []
+  for i in nums:
+    j = i + nargs if i < 0 else i
+    if not 0 <= j < nargs:
+      raise ValueError(
+          f"the `static_argnums` argument to {api} is out of range: index {i} for a call of "
+          f"`{fn_name}` with {nargs} positional argument(s). Pass the static argument positionally, "
+          "or fix the index.")
+    out.append(j)
+  return out
