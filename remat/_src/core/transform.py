@@ -46,9 +46,11 @@ _API = "`remat.checkpoint`"
 
 
 # remat's own frames (everything under remat/_src) are left out of filtered tracebacks and of
-# the user frame recorded in jaxprs, as jax and flax leave out theirs; a function that is an
-compat.register_traceback_exclusion(os.path.dirname(os.path.abspath(__file__)))
-jex_source_info.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+# the user frame recorded in jaxprs, as jax and flax leave out theirs; a function wrapped in
+# `compat.api_boundary` filters the traceback of an error raised below it.
+_SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # remat/_src
+compat.register_traceback_exclusion(_SRC)
+jex_source_info.register_exclusion(_SRC)
 
 
 class RecomputationMismatchError(RuntimeError):
