@@ -170,9 +170,9 @@ def _policy_costs(f, p_spec, x_spec, key_spec, y_spec, tape: LayerCost, wanted=N
         and (kept_of[q], lowered_flops(q)) != (kept_of[o], lowered_flops(o)) for q in options)]
   # The working set and flops of each from one compile of the layer taped under the policy.
   todo = [o for o in options if ("policy", ck[1], o) not in _CACHE]
-  for option, prof in zip(todo, profile_lib.measure_all(
-      [(reference_step(under(o)), (p_spec, x_spec, key_spec)) for o in todo]), strict=True):
-    _CACHE[("policy", ck[1], option)] = prof
+  for option in todo:
+    _CACHE[("policy", ck[1], option)] = profile_lib.measure(reference_step(under(option)), p_spec, x_spec,
+                                                            key_spec)
   for option in options:
     one = _CACHE[("policy", ck[1], option)]
     # (When the layer's forward pass peaks higher than its backward, this over-states the
@@ -235,7 +235,7 @@ def _layer_costs(f, p_spec, x_spec, key_spec, y_spec, *, cache_suffix: str = "",
     twice = transform.checkpoint(
         lambda ps, x, k: f(ps[1], f(ps[0], x, rng_lib.layer_key(k, 0)), rng_lib.layer_key(k, 1)))
     jobs.append((reference_step(twice), ((p_spec, p_spec), x_spec, key_spec)))
-  measured = profile_lib.measure_all(jobs)
+  measured = [profile_lib.measure(fn, *a) for fn, a in jobs]
   one = measured[0]
   if forward is None:
     fwd = measured[1]

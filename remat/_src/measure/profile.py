@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -109,36 +109,26 @@ def _dims(t) -> str:
 
 def compile_fn(fn: Callable, *args, **kwargs):
   """Lower and compile ``fn`` (jitted or not) with ``remat.compiler_options()``."""
+  return _compile(fn, args, kwargs, analysis=False)
+
+
+def measure(fn: Callable, *args) -> Profile:
+  """``profile`` of a program compiled only to be measured, never run: where XLA's code generator
+  does not change the numbers (``compile.analysis_options``), it skips its optimisations."""
+  return profile_compiled(*_compile(fn, args, {}, analysis=True))
+
+
+def _compile(fn: Callable, args, kwargs, *, analysis: bool):
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   with compile_lib.compiling_with_options():  # checkpoints traced here get the options: no warning
     lowered = jitted.lower(*args, **kwargs)
   backend = compat.lowered_platform(lowered)
   # Options given to ``lowered.compile`` replace the ones from jax.jit; a
   # function from ``remat.jit`` already carries them, merging is idempotent.
-  opts = compile_lib.merge_compiler_options(
-      compat.lowered_compiler_options(lowered), backend)
+  opts = compile_lib.merge_compiler_options(compat.lowered_compiler_options(lowered), backend)
+  if analysis:
+    opts = {**compile_lib.analysis_options(backend), **opts}
   return lowered.compile(opts), backend
-
-
-def measure(fn: Callable, *args) -> Profile:
-  """``profile`` of a program compiled only to be measured, never run: where XLA's code generator
-  does not change the numbers (``compile.analysis_options``), it skips its optimisations."""
-  return measure_all([(fn, args)])[0]
-
-
-def measure_all(jobs: Sequence[tuple[Callable, tuple]]) -> list[Profile]:
-  """``measure`` of several programs, one after another. (Compiling them two at a time was
-  slower: they run beside ``remat.fit``'s compile of the plain step, and XLA:CPU's compile already
-  keeps about 1.5 cores busy.)"""
-  out = []
-  for fn, args in jobs:
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    with compile_lib.compiling_with_options():  # checkpoints traced here get the options: no warning
-      low = jitted.lower(*args)
-    backend = compat.lowered_platform(low)
-    opts = compile_lib.merge_compiler_options(compat.lowered_compiler_options(low), backend)
-    out.append(profile_compiled(low.compile({**compile_lib.analysis_options(backend), **opts}), backend))
-  return out
 
 
 def profile(fn: Callable, *args, **kwargs) -> Profile:
