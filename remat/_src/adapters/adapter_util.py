@@ -39,6 +39,35 @@ def has_array(x) -> bool:
              for leaf in jax.tree_util.tree_leaves(x))
 
 
+def static_set(args, positions, *, api: str, name: str, counting: str = "", auto: bool,
+               traced=has_array, what=None) -> set[int]:
+  """The argument indices a call passes as static: those ``static_argnums`` names, plus Python
+  flags when ``auto`` (:func:`auto_static`).
+
+  Args:
+    args: the call's positional arguments, as the checkpointed function receives them.
+    positions: pairs ``(number the user wrote, index into args)``.
+    api: our public name, for messages; name: the user's function; counting: how the user's
+      numbers count (``" (counting `self` as 0)"``).
+    traced: whether an argument holds traced state and cannot be static.
+    what: describes an argument for the message (default :func:`describe`).
+
+  Raises:
+    TypeError: ``static_argnums`` names an argument that holds arrays (or other traced state).
+  """
+  static = set()
+  for shown, j in positions:
+    if traced(args[j]):
+      raise TypeError(
+          f"{api}: `static_argnums` includes position {shown} of `{name}`{counting}, but the argument "
+          f"there is {(what or describe)(args[j])}. Static arguments must be hashable Python values; "
+          "drop this index from `static_argnums` to pass it as traced state.")
+    static.add(j)
+  if auto:
+    static |= {i for i, a in enumerate(args) if auto_static(a)}
+  return static
+
+
 def describe(x) -> str:
   """What an argument is, for messages: ``an array float32[4, 8]``, ``a pytree with 3 arrays``."""
   leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if hasattr(leaf, "shape")]

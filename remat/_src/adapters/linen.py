@@ -204,7 +204,6 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
     name = method_name  # the error messages name the method, not flax's wrapper
-    static = set()
     for i in static_argnums:
       if i >= len(args):
         # The index was checked against the method's signature when the class was wrapped, so
@@ -216,15 +215,8 @@ def _lift_checkpoint(fn, *, variables, rngs, static_argnums, policy, offload, pr
             "positionally. If the module sits in `flax.linen.Sequential`, that is the cause: it "
             "passes extra arguments such as `train` to its first layer only; call the blocks "
             "yourself, or use `remat.linen.Sequential`, which passes them to every layer.")
-      if adapter_util.has_array(args[i]):
-        raise TypeError(
-            f"{_API}: `static_argnums` includes position {i + 1} of `{name}` (counting "
-            f"`self` as 0), but the argument there is {adapter_util.describe(args[i])}. Static "
-            "arguments must be hashable Python values; "
-            "drop this index from `static_argnums` to pass the array normally.")
-      static.add(i)
-    if auto_static:
-      static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
+    static = adapter_util.static_set(args, [(i + 1, i) for i in static_argnums], api=_API, name=name,
+                                     counting=" (counting `self` as 0)", auto=auto_static)
     static_kwargs = {k: v for k, v in kwargs.items() if auto_static and adapter_util.auto_static(v)}
     dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static_kwargs}
 

@@ -164,17 +164,10 @@ def checkpoint(
   def checkpointed(*args, **kwargs):
     if kwargs:
       args = tuple(compat.resolve_kwargs(f, args, kwargs))
-    static = set()
-    for i, j in zip(nums, static_positions(nums, len(args), _name(f), api=_API), strict=True):
-      if adapter_util.has_array(args[j]) or holds_graph_state(args[j]):
-        raise TypeError(
-            f"{_API}: `static_argnums` includes position {i} of `{_name(f)}`, but the "
-            f"argument there is {_describe(args[j])}. Static arguments must be hashable "
-            "Python values; drop this index from `static_argnums` (arrays and modules "
-            "are passed as traced state).")
-      static.add(j)
-    if auto_static:
-      static |= {i for i, a in enumerate(args) if adapter_util.auto_static(a)}
+    positions = zip(nums, static_positions(nums, len(args), _name(f), api=_API), strict=True)
+    static = adapter_util.static_set(
+        args, positions, api=_API, name=_name(f), auto=auto_static, what=_describe,
+        traced=lambda a: adapter_util.has_array(a) or holds_graph_state(a))
     key = tuple(sorted(static))
     call = transformed.get(key)
     if call is None:
