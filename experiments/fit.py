@@ -115,7 +115,7 @@ def row(dtype_name, memory, method, batch, prof, plain_fpt, compiles="", plan=""
 def plan_summary(report) -> str:
   p = report.plans[0]
   ck = sum(1 for c in p.root.children if c.checkpoint)
-  return f"{p.forward_evaluations} block evaluations, {ck} checkpointed segments ({p.segmenter})"
+  return f"{p.forward_evaluations} block evaluations, {ck} checkpointed segments ({p.made_by})"
 
 
 def measure(dtype_name: str, memory: int, log=print) -> list[dict]:

@@ -65,7 +65,7 @@ elif what == "fit":
   report = fitted.plans(*args)
   out = {"seconds": seconds, "compiles": report.compiles, "peak": report.profile.peak_bytes,
          "flops_vs_plain": report.profile.flops / report.plain_profile.flops,
-         "plan": report.plans[0].segmenter + ": " + report.plans[0].recomputation()}
+         "plan": report.plans[0].made_by + ": " + report.plans[0].recomputation()}
 else:  # budget
   model = GPT(**size, segmenter=S.budget(int(memory)))
   args = shapes(model, opt, batch)

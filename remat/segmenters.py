@@ -2,8 +2,8 @@
 
 ``every(k)``, ``sqrt()``, ``multilevel(levels)``, ``none()`` and ``revolve(slots)``
 need only the number of layers; ``budget(max_bytes)`` plans from costs measured
-from XLA (``measure_costs``). Each follows the ``Segmenter`` protocol: ``.plan(costs)``
-returns a ``Plan``; apply it with ``remat.sequential``.
+from XLA (``measure_costs``). Each follows the ``Segmenter`` protocol: ``.plan(chain)``
+(a number of layers or per-layer costs) returns a ``Plan``; apply it with ``remat.sequential``.
 """
 
 from remat._src.fitting.budget import GlobalShapesWarning, budget, min_feasible_bytes, offload_candidates
@@ -11,6 +11,7 @@ from remat._src.measure.costs import measure_costs
 from remat._src.fitting.fit import auto
 from remat._src.plans.plan import LayerCost, Plan, Segment, Verifier
 from remat._src.plans.segmenters import (
+    Chain,
     Segmenter,
     every,
     multilevel,
@@ -21,6 +22,7 @@ from remat._src.plans.segmenters import (
 )
 
 __all__ = [
+    "Chain",
     "GlobalShapesWarning",
     "LayerCost",
     "Plan",

@@ -59,8 +59,8 @@ def test_offload_is_used_when_it_pays_and_not_otherwise():
 
 def test_simulator_counts_an_offloaded_input_only_while_it_is_on_device():
   kids = lambda off: (Segment(0, 4, (), True), Segment(4, 8, (), True, off), Segment(8, 16))
-  a = Plan.from_tree(Segment(0, 16, kids(False)), UNIFORM, segmenter="test")
-  b = Plan.from_tree(Segment(0, 16, kids(True)), UNIFORM, segmenter="test")
+  a = Plan.from_tree(Segment(0, 16, kids(False)), UNIFORM, made_by="test")
+  b = Plan.from_tree(Segment(0, 16, kids(True)), UNIFORM, made_by="test")
   assert a.forward_evaluations == b.forward_evaluations
   assert b.offloaded_bytes == MIB and a.offloaded_bytes == 0
   assert b.predicted_peak_bytes == a.predicted_peak_bytes - MIB
@@ -79,7 +79,7 @@ def test_an_offload_plan_runs_exactly_and_moves_the_stored_boundaries():
   ws = [jax.random.normal(jax.random.key(i), (32, 32)) / 6 for i in range(depth)]
   x = jax.random.normal(jax.random.key(99), act_shape)
   root = Segment(0, depth, (Segment(0, 3, (), True), Segment(3, 6, (), True, True), Segment(6, 8)))
-  plan = Plan.from_tree(root, None, segmenter="hand-made")
+  plan = Plan.from_tree(root, None, made_by="hand-made")
   apply = remat.sequential([_layer] * depth, plan)
 
   def loss(ws, x, f):
@@ -105,7 +105,7 @@ def test_an_offload_plan_runs_exactly_and_moves_the_stored_boundaries():
 def test_stacked_parameters_keep_an_offload_nested_in_a_later_segment():
   ck = lambda a, b, kids=(), off=False: Segment(a, b, kids, True, off)
   root = Segment(0, 4, (ck(0, 2, (ck(0, 1), ck(1, 2))), ck(2, 4, (ck(2, 3), ck(3, 4, (), True)))))
-  plan = Plan.from_tree(root, None, segmenter="hand-made")
+  plan = Plan.from_tree(root, None, made_by="hand-made")
   apply = remat.sequential(_layer, plan)  # one layer over stacked parameters
   ws = jnp.stack([jnp.eye(32) * 0.5] * 4)
   x = jnp.ones((64, 32))

@@ -272,7 +272,7 @@ def test_linen_budget_picks_the_cheapest_regular_plan_that_compiles_under_it():
   limit = (plain.temp_bytes + every1.temp_bytes) // 2
   prof, report = tanh_profile(S.budget(limit))
   assert report.scanned and report.plan.compiled_temp_bytes <= limit
-  assert report.plan.segmenter.startswith(f"budget({limit}) -> scan ")
+  assert report.plan.made_by.startswith(f"budget({limit}) -> scan ")
   assert 12 < report.forward_evaluations <= 24
   assert prof.temp_bytes <= limit
 
@@ -289,19 +289,30 @@ def test_linen_auto_under_fit_runs_a_regular_plan_and_fits():
   assert report.fits and report.profile.peak_bytes <= memory
 
 
-def test_linen_errors():
-  with pytest.raises(TypeError, match=r"`remat.linen.scan` expects a `flax.linen.Module` subclass.*instance"):
-    remat.linen.scan(TanhDense(), length=2)
-  with pytest.raises(ValueError, match=r"`length` argument to `remat.linen.scan` must be a positive int"):
-    remat.linen.scan(TanhDense, length=0)
-  with pytest.raises(ValueError, match=r"axis 0.*\{'params': 1\}"):
-    remat.linen.scan(TanhDense, length=2, variable_axes={"params": 1})
-  with pytest.raises(TypeError, match=r"`split_rngs` argument to `remat.linen.scan`"):
-    remat.linen.scan(TanhDense, length=2, split_rngs={"dropout": 1})
-  with pytest.raises(TypeError, match=r"`segmenter` of `remat.linen.scan`.*'sqrt'"):
-    remat.linen.scan(TanhDense, length=4, segmenter="sqrt")
-  with pytest.raises(ValueError, match=r"plan is for 4 layers but the chain has 6"):
-    remat.linen.scan(TanhDense, length=6, segmenter=S.every(2).plan(4))
+LINEN_CONSTRUCTION_ERRORS = {
+    "instance": (TypeError, r"`remat.linen.scan` expects a `flax.linen.Module` subclass.*instance",
+                 lambda: remat.linen.scan(TanhDense(), length=2)),
+    "length_zero": (ValueError, r"`length` argument to `remat.linen.scan` must be a positive int",
+                    lambda: remat.linen.scan(TanhDense, length=0)),
+    "variable_axis_1": (ValueError, r"axis 0.*\{'params': 1\}",
+                        lambda: remat.linen.scan(TanhDense, length=2, variable_axes={"params": 1})),
+    "split_rngs_int": (TypeError, r"`split_rngs` argument to `remat.linen.scan`",
+                       lambda: remat.linen.scan(TanhDense, length=2, split_rngs={"dropout": 1})),
+    "segmenter_string": (TypeError, r"`segmenter` of `remat.linen.scan`.*'sqrt'",
+                         lambda: remat.linen.scan(TanhDense, length=4, segmenter="sqrt")),
+    "plan_for_other_length": (ValueError, r"plan is for 4 layers but the chain has 6",
+                              lambda: remat.linen.scan(TanhDense, length=6, segmenter=S.every(2).plan(4))),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEN_CONSTRUCTION_ERRORS))
+def test_linen_construction_errors(case):
+  error, message, call = LINEN_CONSTRUCTION_ERRORS[case]
+  with pytest.raises(error, match=message):
+    call()
+
+
+def test_linen_call_errors():
   x = jnp.ones((2, 64))
   model = remat.linen.scan(TanhDense, length=4, segmenter=S.every(2))()
   v = model.init(jax.random.key(0), x)
@@ -444,7 +455,7 @@ def test_nnx_memory_within_two_percent_of_nnx_scan_remat():
   assert got <= 1.02 * theirs, (got, theirs)
 
 
-def test_nnx_irregular_plans_budget_and_errors():
+def test_nnx_irregular_plans_and_budget():
   with pytest.raises(remat.nnx.NotScannableError, match=r"`remat.nnx.Scan`.*revolve.*every\(k\)` for k in"):
     remat.nnx.Scan(TanhLinear, length=6, rngs=nnx.Rngs(0), segmenter=S.revolve(2))
   blocks = remat.nnx.stack(TanhLinear, length=6, rngs=nnx.Rngs(0))
@@ -456,18 +467,33 @@ def test_nnx_irregular_plans_budget_and_errors():
   fitted = remat.nnx.scan(lambda b, x: b(x), segmenter=S.budget(10**9))
   report = fitted.plan_for(blocks, x)
   assert report.scanned and report.levels == ((6, False),)  # plain fits: nothing recomputed
-  with pytest.raises(ValueError, match=r"`length` argument to `remat.nnx.Scan` must be a positive int"):
-    remat.nnx.Scan(TanhLinear, length=-1, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r"`remat.nnx.scan` expects a function"):
-    remat.nnx.scan(blocks)
-  with pytest.raises(TypeError, match=r"`segmenter` of `remat.nnx.scan`"):
-    remat.nnx.scan(lambda b, x: b(x), segmenter=3)
-  with pytest.raises(TypeError, match=r"`remat.nnx.stack` expects a function"):
-    remat.nnx.stack(TanhLinear(nnx.Rngs(0)), length=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"one leading axis.*remat.nnx.stack"):
-    remat.nnx.scan(lambda b, x: b(x))(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), x)
-  with pytest.raises(TypeError, match=r"stacked `nnx.Module`"):
-    remat.nnx.scan(lambda b, x: b(x))(x, x)
+
+
+def _linear64():
+  return nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+
+
+NNX_ERRORS = {
+    "length_negative": (ValueError, r"`length` argument to `remat.nnx.Scan` must be a positive int",
+                        lambda: remat.nnx.Scan(TanhLinear, length=-1, rngs=nnx.Rngs(0))),
+    "scan_of_a_module": (TypeError, r"`remat.nnx.scan` expects a function",
+                         lambda: remat.nnx.scan(remat.nnx.stack(TanhLinear, length=2, rngs=nnx.Rngs(0)))),
+    "segmenter_int": (TypeError, r"`segmenter` of `remat.nnx.scan`",
+                      lambda: remat.nnx.scan(lambda b, x: b(x), segmenter=3)),
+    "stack_of_an_instance": (TypeError, r"`remat.nnx.stack` expects a function",
+                             lambda: remat.nnx.stack(TanhLinear(nnx.Rngs(0)), length=2, rngs=nnx.Rngs(0))),
+    "unstacked_module": (ValueError, r"one leading axis.*remat.nnx.stack",
+                         lambda: remat.nnx.scan(lambda b, x: b(x))(_linear64(), jnp.ones((8, 64)))),
+    "array_for_module": (TypeError, r"stacked `nnx.Module`",
+                         lambda: remat.nnx.scan(lambda b, x: b(x))(jnp.ones((8, 64)), jnp.ones((8, 64)))),
+}
+
+
+@pytest.mark.parametrize("case", list(NNX_ERRORS))
+def test_nnx_errors(case):
+  error, message, call = NNX_ERRORS[case]
+  with pytest.raises(error, match=message):
+    call()
 
 
 # -- execution and regular plans ----------------------------------------------------------------

@@ -98,23 +98,40 @@ def test_per_layer_flops_give_predicted_flops_but_no_bytes():
   assert p.predicted_flops == pytest.approx(3 * 10 + 10)
 
 
-def test_errors_name_the_api_and_the_fix():
-  with pytest.raises(ValueError, match=r"`remat.segmenters.every` needs a positive int `k`, but got 0"):
-    S.every(0)
-  with pytest.raises(ValueError, match=r"`remat.segmenters.revolve`.*`slots`.*-1"):
-    S.revolve(-1)
-  with pytest.raises(ValueError, match=r"`remat.segmenters.multilevel`.*True"):
-    S.multilevel(True)
-  with pytest.raises(ValueError, match=r"`remat.segmenters.budget`.*max_bytes.*1.5"):
-    S.budget(1.5)
-  with pytest.raises(ValueError, match=r"every\(...\).plan.*at least one layer"):
-    S.every(2).plan(0)
-  with pytest.raises(ValueError, match=r"LayerCost.*'abc'"):
-    S.sqrt().plan(["abc"])
-  with pytest.raises(ValueError, match=r"budget.*measured bytes.*measure_costs"):
-    S.budget(100).plan(16)
-  with pytest.raises(ValueError, match=r"tile"):
-    Segment(0, 4, (Segment(0, 2), Segment(3, 4)))
+ERROR_CASES = {
+    "every_k_zero": (ValueError, r"`remat.segmenters.every` needs a positive int `k`, but got 0",
+                     lambda: S.every(0)),
+    "revolve_negative": (ValueError, r"`remat.segmenters.revolve`.*`slots`.*-1", lambda: S.revolve(-1)),
+    "multilevel_bool": (ValueError, r"`remat.segmenters.multilevel`.*True", lambda: S.multilevel(True)),
+    "budget_float": (ValueError, r"`remat.segmenters.budget`.*max_bytes.*1.5", lambda: S.budget(1.5)),
+    "no_layers": (ValueError, r"every\(...\).plan.*at least one layer", lambda: S.every(2).plan(0)),
+    "bad_costs": (ValueError, r"LayerCost.*'abc'", lambda: S.sqrt().plan(["abc"])),
+    "budget_needs_costs": (ValueError, r"budget.*measured bytes.*measure_costs",
+                           lambda: S.budget(100).plan(16)),
+    "no_chain": (TypeError, r"`every\(k=2\).plan` needs the chain.*plan\(12\)", lambda: S.every(2).plan()),
+    "chain_twice": (TypeError, r"got the chain twice", lambda: S.sqrt().plan(4, costs=4)),
+    "segments_do_not_tile": (ValueError, r"tile", lambda: Segment(0, 4, (Segment(0, 2), Segment(3, 4)))),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_name_the_api_and_the_fix(case):
+  error, message, call = ERROR_CASES[case]
+  with pytest.raises(error, match=message):
+    call()
+
+
+def test_renamed_names_still_work_with_a_deprecation_warning():
+  with pytest.warns(DeprecationWarning, match=r"plan\(chain=...\)"):
+    old = S.revolve(2).plan(costs=6)
+  assert old == S.revolve(2).plan(chain=6) == S.revolve(2).plan(6)
+  with pytest.warns(DeprecationWarning, match=r"`Plan.segmenter` is now `Plan.made_by`"):
+    assert old.segmenter == old.made_by == "revolve(slots=2)"
+  with pytest.warns(DeprecationWarning, match=r"from_tree\(made_by=...\)"):
+    p = Plan.from_tree(Segment(0, 2), segmenter="mine")
+  assert p.made_by == "mine" and str(p).startswith("Plan(mine, 2 layers)")
+  with pytest.raises(TypeError, match="unexpected keywords"):
+    Plan.from_tree(Segment(0, 2), label="mine")
 
 
 # -- budget: the dynamic program ------------------------------------------------------
@@ -126,7 +143,7 @@ def lc(a, k, w, f):
 
 def test_budget_recomputes_nothing_when_plain_fits_and_names_the_smallest_budget():
   c = [lc(1000, 1000, 500, 1e6)] * 8
-  plain = Plan.from_tree(Segment(0, 8), c, segmenter="plain")
+  plain = Plan.from_tree(Segment(0, 8), c, made_by="plain")
   p = S.budget(plain.predicted_peak_bytes).plan(c)
   assert p.recomputed_evaluations == 0 and p.predicted_peak_bytes == plain.predicted_peak_bytes
   tight = S.budget(plain.predicted_peak_bytes // 2).plan(c)
@@ -162,7 +179,7 @@ def all_trees(i, j, free, dead):
 def test_budget_dp_matches_brute_force(layers, frac):
   c = tuple(lc(a * 100, k * 100, w * 100, f * 1e6) for a, k, w, f in layers)
   n = len(c)
-  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, segmenter="") for t in all_trees(0, n, True, False)]
+  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, made_by="") for t in all_trees(0, n, True, False)]
   lo = min(p.predicted_peak_bytes for p in plans)
   hi = max(p.predicted_peak_bytes for p in plans)
   b = int(lo + frac * (hi - lo))
@@ -232,14 +249,14 @@ def test_budget_dp_matches_brute_force_with_policies_and_offload(layers, frac, o
     walk(plan.root)
     return plan.predicted_flops + sum(dp.offload_cost(i, k) for i, k in offloaded)
 
-  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, segmenter="")
+  plans = [Plan.from_tree(Segment(0, n, tuple(t)), c, made_by="")
            for t in all_trees_with(0, n, True, False, tapes, set(boundaries))]
   lo = min(p.predicted_peak_bytes for p in plans)
   hi = max(p.predicted_peak_bytes for p in plans)
   assert dp.min_peak() == lo
   b = int(lo + frac * (hi - lo))
   best = min(price(p) for p in plans if p.predicted_peak_bytes <= b)
-  got = Plan.from_tree(dp.solve(b), c, segmenter="")
+  got = Plan.from_tree(dp.solve(b), c, made_by="")
   assert got.predicted_peak_bytes <= b
   assert price(got) == pytest.approx(best, rel=1e-9)
 

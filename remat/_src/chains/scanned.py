@@ -82,7 +82,7 @@ class ScanPlan:
       return f"not scannable: {self.reason}\n{self.plan}"
     head = f"scanned as {describe_levels(self.levels)}: {self.forward_evaluations} forward evaluations"
     if self.requested is not None:
-      head += f" (replaces the irregular plan of {self.requested.segmenter})"
+      head += f" (replaces the irregular plan of {self.requested.made_by})"
     return f"{head}\n{self.plan}"
 
 
@@ -154,7 +154,7 @@ def not_scannable_reason(plan: Plan, n: int, api: str) -> str:
   else:
     why = f"its segments differ in shape (top level: sizes {[c.size for c in plan.root.children]})"
   return (
-      f"{api}: the plan of `{plan.segmenter or 'custom'}` for {n} layers cannot run as nested "
+      f"{api}: the plan of `{plan.made_by or 'custom'}` for {n} layers cannot run as nested "
       f"`lax.scan`s: {why}, and a scanned stack runs one program for every iteration. It is never "
       f"unrolled silently. Use a segmenter with a regular plan for {n} layers: "
       f"{', '.join(scannable_segmenters(n))}; or `remat.segmenters.budget(max_bytes)`, which "
@@ -259,7 +259,7 @@ def _cost_based(segmenter, n, api, layer, p_spec, x_spec, k_spec) -> ScanPlan:
   if not fits:  # nothing regular is predicted that small: the smallest regular plan
     fits = [min(candidates, key=lambda p: p.predicted_peak_bytes)]
   plan = min(fits, key=lambda p: (_scan_flops(p, cost), p.predicted_peak_bytes))
-  plan = dataclasses.replace(plan, segmenter=f"{segmenter!r} -> {plan.segmenter}")
+  plan = dataclasses.replace(plan, made_by=f"{segmenter!r} -> {plan.made_by}")
   return ScanPlan(plan, tuple(plan_lib.regular_levels(plan)), requested=requested)
 
 
@@ -280,7 +280,7 @@ def _verified(seg, candidates: list[Plan], cost: LayerCost, temp: Callable[[Plan
     got = int(temp(plan))
     tried.append(got)
     if got <= limit:
-      return dataclasses.replace(plan, segmenter=f"{seg!r} -> {plan.segmenter}", compiled_temp_bytes=got)
+      return dataclasses.replace(plan, made_by=f"{seg!r} -> {plan.made_by}", compiled_temp_bytes=got)
   raise ValueError(
       f"{api} with `{seg!r}`: no regular (scannable) plan compiled to at most {limit:,} bytes of temp "
       f"memory in {len(tried)} compile(s); the smallest was {min(tried):,} bytes "

@@ -120,7 +120,7 @@ def chain_plan(layers: Sequence[Callable], plan_or_segmenter: Any, params: Seque
     if compile:
       used = sorted({p for p in plan.layer_policies if p is not None})
       costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec, policies=used or False)
-      plan = make_plan(plan.root, costs, plan.num_layers, plan.segmenter)
+      plan = make_plan(plan.root, costs, plan.num_layers, plan.made_by)
   elif obj.needs_costs or compile:
     costs = costs_lib.measure_costs(layers, p_spec, x_spec, k_spec, policies=obj.policies)
     verifier = Verifier(key=costs_lib.chain_key(layers, p_spec, x_spec, k_spec),

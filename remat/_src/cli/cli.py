@@ -200,7 +200,7 @@ def cmd_plan(args, ap: argparse.ArgumentParser) -> int:
     ap.error(f"argument {flag} {args.budget_text or args.segmenter}: {e}")
   costs = costs_lib.measure_costs(model.layers, *specs)  # cached: measured once per distinct layer
   if plan.predicted_peak_bytes is None:
-    plan = make_plan(plan.root, costs, plan.num_layers, plan.segmenter)
+    plan = make_plan(plan.root, costs, plan.num_layers, plan.made_by)
   plain_plan = make_plan(Segment(0, model.depth), costs, model.depth, "plain")
   bar.update(1)
   bar.set_description("compiling the plan")

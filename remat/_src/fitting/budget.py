@@ -211,8 +211,8 @@ def verified_search(dp: _BudgetDP, costs: tuple[LayerCost, ...], limit: int,
       [dp], [costs], limit, start, max_compiles, uniform=[(p,) for p in uniform_plans(costs)], name=name,
       api=api, units=exact_bytes)
   (plan,) = found.option
-  label = name if found.proposed else f"{name} = {plan.segmenter}"
-  return dataclasses.replace(plan, segmenter=label, compiled_temp_bytes=int(found.measured))
+  label = name if found.proposed else f"{name} = {plan.made_by}"
+  return dataclasses.replace(plan, made_by=label, compiled_temp_bytes=int(found.measured))
 
 
 def _every_sizes(n: int) -> list[int]:

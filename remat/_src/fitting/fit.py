@@ -86,7 +86,7 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
     session = _ACTIVE.get()
     return session is None or session.measuring
 
-  def plan(self, costs: Sequence[LayerCost] | int, *, verifier: Verifier | None = None) -> Plan:
+  def plan(self, chain: Sequence[LayerCost] | int, *, verifier: Verifier | None = None) -> Plan:
     session = _ACTIVE.get()
     if session is None:
       raise ValueError(
@@ -94,9 +94,9 @@ class auto:  # noqa: N801 - reads as a phrase: `segmenters.auto()`
           "training step to a device's memory: wrap the step, e.g. `step = remat.fit(step, "
           "'16GiB')`, and call or lower that. To bound one chain's memory on its own, use "
           "`remat.segmenters.budget(max_bytes)`.")
-    if isinstance(costs, int) and not session.measuring:
-      return session.plan(costs, None)
-    return session.plan(budget_lib._check_costs(costs), verifier)
+    if isinstance(chain, int) and not session.measuring:
+      return session.plan(chain, None)
+    return session.plan(budget_lib._check_costs(chain), verifier)
 
 
 ### remat.fit
@@ -526,7 +526,7 @@ class _Search:
       return self.report(*self.smallest(chains, known), plain)
     best = found.option
     if not found.proposed:
-      best = tuple(dataclasses.replace(p, segmenter=f"auto = {p.segmenter}") for p in best)
+      best = tuple(dataclasses.replace(p, made_by=f"auto = {p.made_by}") for p in best)
       self.executables[search_lib.roots(best)] = self.executables[search_lib.roots(found.option)]
       self.programs[search_lib.roots(best)] = self.programs[search_lib.roots(found.option)]
     return self.report(best, known[found.option], plain)

@@ -37,7 +37,7 @@ from remat._src.measure.profile import Profile
 
 log = logging.getLogger("remat")
 
-FORMAT = 1
+FORMAT = 2  # 2: Plan.segmenter renamed made_by
 _UNSET = object()
 _dir_override: Any = _UNSET
 _warned: set[str] = set()

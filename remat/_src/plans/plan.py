@@ -41,6 +41,7 @@ Executing a plan (nested ``remat.checkpoint``s, keys, scans) is ``execute.py``'s
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Hashable, Sequence
 
 from remat._src.util.units import format_bytes
@@ -164,7 +165,8 @@ class Plan:
       ``None`` when the costs carry no bytes.
     predicted_flops: predicted flops of the step (forward + backward +
       recomputation), or ``None`` when unknown.
-    segmenter: a description of what made the plan.
+    made_by: what made the plan, in words (``"sqrt() = every(8)"``); formerly
+      ``segmenter`` (still readable, deprecated: it is a description, not a segmenter).
     compiled_temp_bytes: the compiled temp memory of the step when the plan
       was verified by compiling it (``budget``), else ``None``.
     layer_evaluations: forward evaluations of each layer (they sum to
@@ -179,14 +181,14 @@ class Plan:
   stored_states: int
   predicted_peak_bytes: int | None
   predicted_flops: float | None
-  segmenter: str = ""
+  made_by: str = ""
   compiled_temp_bytes: int | None = None
   layer_evaluations: tuple[int, ...] = dataclasses.field(default=(), repr=False)
   offloaded_bytes: int = 0
 
   @classmethod
   def from_tree(cls, root: Segment, costs: Sequence[LayerCost] | None = None, *,
-                segmenter: str = "custom") -> Plan:
+                made_by: str = "custom", **deprecated) -> Plan:
     """The plan of a hand-made segment tree, evaluated under the cost model.
 
     Example:
@@ -196,7 +198,20 @@ class Plan:
       >>> Plan.from_tree(Segment(0, 4, two)).forward_evaluations
       8
     """
-    return make_plan(root, costs, root.stop, segmenter)
+    if set(deprecated) - {"segmenter"}:
+      raise TypeError(f"`remat.segmenters.Plan.from_tree` got unexpected keywords {sorted(deprecated)}.")
+    if "segmenter" in deprecated:
+      warnings.warn("`Plan.from_tree(segmenter=...)` is now `Plan.from_tree(made_by=...)`: the "
+                    "string describes what made the plan.", DeprecationWarning, stacklevel=2)
+      made_by = deprecated["segmenter"]
+    return make_plan(root, costs, root.stop, made_by)
+
+  @property
+  def segmenter(self) -> str:
+    """Deprecated name of :attr:`made_by` (a description, not a :class:`Segmenter`)."""
+    warnings.warn("`Plan.segmenter` is now `Plan.made_by`: the string describes what made the "
+                  "plan.", DeprecationWarning, stacklevel=2)
+    return self.made_by
 
   @property
   def layer_policies(self) -> tuple[str | None, ...]:
@@ -242,7 +257,7 @@ class Plan:
     return text
 
   def __str__(self) -> str:
-    head = (f"Plan({self.segmenter or 'custom'}, {self.num_layers} layers): "
+    head = (f"Plan({self.made_by or 'custom'}, {self.num_layers} layers): "
             f"{self.forward_evaluations} forward evaluations ({self.recomputation()}), "
             f"{self.stored_states} stored states")
     if self.predicted_peak_bytes is not None:
@@ -301,7 +316,7 @@ def _describe_policy(option: str) -> str:
       option, option)
 
 
-def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int, segmenter: str,
+def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int, made_by: str,
               compiled_temp_bytes: int | None = None) -> Plan:
   """Evaluates ``root`` and returns the :class:`Plan`."""
   if root.start != 0 or root.stop != num_layers or root.checkpoint:
@@ -312,7 +327,7 @@ def make_plan(root: Segment, costs: Sequence[LayerCost] | None, num_layers: int,
               stored_states=sim.max_states,
               predicted_peak_bytes=None if costs is None or sim.unit else int(sim.peak),
               predicted_flops=None if costs is None else float(sim.flops),
-              segmenter=segmenter, compiled_temp_bytes=compiled_temp_bytes,
+              made_by=made_by, compiled_temp_bytes=compiled_temp_bytes,
               offloaded_bytes=int(sim.offloaded),
               layer_evaluations=tuple(sim.per_layer))
 

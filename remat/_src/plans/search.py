@@ -49,7 +49,7 @@ class Found:
 
 def uniform_options(costs: Sequence[Sequence[LayerCost]], uniform_plans: Callable) -> list[Option]:
   """Each uniform plan applied to every chain alike (``uniform_plans(costs)`` per chain)."""
-  per = [{p.segmenter: p for p in uniform_plans(c)} for c in costs]
+  per = [{p.made_by: p for p in uniform_plans(c)} for c in costs]
   return [tuple(d[label] for d in per) for label in per[0] if all(label in d for d in per[1:])]
 
 
@@ -100,7 +100,7 @@ def roots(option: Option) -> tuple:
 
 def describe(option: Option) -> str:
   """``every(2): 8 recomputed; auto: 3 recomputed`` -- for logs."""
-  return "; ".join(f"{p.segmenter or 'custom'}: {p.recomputation()}" for p in option)
+  return "; ".join(f"{p.made_by or 'custom'}: {p.recomputation()}" for p in option)
 
 
 def verified_search(dps, costs: Sequence[Sequence[LayerCost]], limit: float,

@@ -12,18 +12,43 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from remat._src.plans.plan import LayerCost, Plan, Segment, Verifier, leaf, make_plan
 
-Costs = int | Sequence[LayerCost] | Sequence[float]
+Chain = int | Sequence[LayerCost] | Sequence[float]
+"""What a segmenter plans for: a number of identical layers, per-layer :class:`LayerCost` s, or
+per-layer forward flops (relative compute only)."""
+
+_MISSING = object()
+
+
+def _chain_argument(method):
+  """``plan(costs=...)``, the argument's name before it was ``chain``, still works (deprecated):
+  the argument may be a number of layers, not costs."""
+
+  @functools.wraps(method)
+  def plan(self, chain=_MISSING, *, costs=_MISSING, **options):
+    if costs is not _MISSING:
+      if chain is not _MISSING:
+        raise TypeError(f"`{self!r}.plan` got the chain twice: pass it once, as `plan(chain)`.")
+      warnings.warn(f"`{self!r}.plan(costs=...)` is now `plan(chain=...)` (a number of layers or "
+                    "per-layer costs).", DeprecationWarning, stacklevel=2)
+      chain = costs
+    if chain is _MISSING:
+      raise TypeError(f"`{self!r}.plan` needs the chain: a number of layers or per-layer costs, "
+                      "e.g. `plan(12)`.")
+    return method(self, chain, **options)
+
+  return plan
 
 
 @runtime_checkable
 class Segmenter(Protocol):
-  """What a segmenter is: ``plan(costs)`` returns a :class:`Plan` for a chain.
+  """What a segmenter is: ``plan(chain)`` returns a :class:`Plan` for a chain.
 
   Attributes:
     needs_costs: ``True`` when ``plan`` needs measured :class:`LayerCost` s
@@ -32,15 +57,16 @@ class Segmenter(Protocol):
     policies: ``True`` when ``plan`` also chooses per-layer recomputation
       policies, so the costs must include each layer's policy menu.
 
-  ``plan(costs, *, verifier=None)`` takes a number of layers or per-layer
-  costs; a :class:`Verifier` lets a segmenter check candidate plans against
-  the compiler (``remat.sequential`` passes one; uniform segmenters ignore it).
+  ``plan(chain, *, verifier=None)`` takes a number of layers or per-layer
+  costs (:data:`Chain`; ``budget`` needs measured costs); a :class:`Verifier`
+  lets a segmenter check candidate plans against the compiler
+  (``remat.sequential`` passes one; uniform segmenters ignore it).
   """
 
   needs_costs: bool
   policies: bool
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan: ...
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan: ...
 
 
 def check_segmenter(obj, api: str, num_layers: int | None = None) -> None:
@@ -94,11 +120,12 @@ class every:  # noqa: N801 - reads as a phrase: `segmenters.every(4)`
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
+  @_chain_argument
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
-    n, c = _normalize(costs, "every")
+    n, c = _normalize(chain, "every")
     root = Segment(0, n, tuple(leaf(i, min(i + self.k, n), True) for i in range(0, n, self.k)))
-    return _finish(root, c, n, repr(self), costs)
+    return _finish(root, c, n, repr(self), chain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +142,13 @@ class sqrt:  # noqa: N801
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
+  @_chain_argument
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
-    n, c = _normalize(costs, "sqrt")
+    n, c = _normalize(chain, "sqrt")
     k = max(1, math.ceil(math.sqrt(n)))
-    p = every(k).plan(n if c is None else costs)
-    return dataclasses.replace(p, segmenter=f"{self!r} = every({k})")
+    p = every(k).plan(n if c is None else chain)
+    return dataclasses.replace(p, made_by=f"{self!r} = every({k})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +183,10 @@ class multilevel:  # noqa: N801
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
+  @_chain_argument
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
-    n, c = _normalize(costs, "multilevel")
+    n, c = _normalize(chain, "multilevel")
     b = max(2, math.ceil(round(n ** (1.0 / (self.levels + 1)), 9)))
 
     def nest(start, stop, level):
@@ -171,7 +200,7 @@ class multilevel:  # noqa: N801
         out.append(Segment(s, e, nest(s, e, level - 1), True))
       return tuple(out)
 
-    return _finish(Segment(0, n, nest(0, n, self.levels)), c, n, repr(self), costs)
+    return _finish(Segment(0, n, nest(0, n, self.levels)), c, n, repr(self), chain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +221,12 @@ class none:  # noqa: N801
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
+  @_chain_argument
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
-    n, c = _normalize(costs, "none")
+    n, c = _normalize(chain, "none")
     root = Segment(0, n, tuple(_revolve_tree(n, 1, 0)))
-    return _finish(root, c, n, repr(self), costs)
+    return _finish(root, c, n, repr(self), chain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,11 +261,12 @@ class revolve:  # noqa: N801
   needs_costs: ClassVar[bool] = False
   policies: ClassVar[bool] = False
 
-  def plan(self, costs: Costs, *, verifier: Verifier | None = None) -> Plan:
+  @_chain_argument
+  def plan(self, chain: Chain, *, verifier: Verifier | None = None) -> Plan:
     """The :class:`Plan` for a chain: a number of layers or per-layer costs."""
-    n, c = _normalize(costs, "revolve")
+    n, c = _normalize(chain, "revolve")
     root = Segment(0, n, tuple(_revolve_tree(n, self.slots, 0)))
-    return _finish(root, c, n, repr(self), costs)
+    return _finish(root, c, n, repr(self), chain)
 
 
 ### Revolve (uniform chains)
@@ -302,7 +333,7 @@ def _short(costs) -> str:
   return s if len(s) < 80 else s[:77] + "..."
 
 
-def _normalize(costs: Costs, name: str):
+def _normalize(costs: Chain, name: str):
   """(number of layers, per-layer LayerCost tuple or None)."""
   api = f"`remat.segmenters.{name}(...).plan`"
   if isinstance(costs, (int, np.integer)) and not isinstance(costs, bool):
