@@ -7,13 +7,21 @@ per-device peak (``Profile.peak_bytes``: arguments + outputs + temporaries -
 donated) is at most ``memory``, with as few recomputed flops as the planner
 finds. How it works, per input signature:
 
-1. compile the step with every ``auto()`` chain plain; if it fits, done;
-2. compile it with every chain at its smallest-memory plan; if that does not
-   fit, nothing does (the error says what the peak is made of);
-3. the two compiles calibrate the chains' predicted bytes against the step's
-   per-device peak (a scale for sharding and model error, and the bytes that
-   are not the chains'); the planner then searches plans against that model
-   and verifies each candidate by compiling the whole step.
+0. the plan cache (``measure/plan_cache.py``): plans stored by an earlier
+   process for the same program, shapes, memory and software are lowered,
+   compiled once and checked against ``memory``; a hit ends here. In a
+   ``jax.distributed`` job process 0 searches (or reads the cache) and the
+   others receive its plans through the job's key-value store;
+1. the step is lowered with every ``auto()`` chain plain and compiled in a
+   thread pool while the chains' per-layer costs are measured; if plain fits,
+   done;
+2. the chains' predicted temp bytes are calibrated against the plain step's
+   per-device peak (the bytes that are not the chains'), and the verified
+   search (``plans/search.py``) compiles candidates, two at a time where there
+   are two cores: uniform plans, and the dynamic program's optimum re-aimed
+   after each compile by the ratio of compiled to predicted bytes;
+3. only if nothing fits within ``max_compiles``, the smallest-memory plans
+   are compiled, and if none fits the error says what the peak is made of.
 """
 
 from __future__ import annotations
@@ -151,8 +159,9 @@ def fit(step: Callable, memory: int | str, *, max_compiles: int = 12, **jit_kwar
         f"function, not a jitted one (got {step!r}). Pass `jax.jit`'s options to it instead: "
         "`remat.fit(step, memory, donate_argnums=(0, 1))`.")
   if not isinstance(max_compiles, int) or isinstance(max_compiles, bool) or max_compiles < 2:
-    raise ValueError(f"the `max_compiles` argument to {_API} must be an int >= 2 (the plain step and "
-                     f"the smallest-memory step are compiled first), but got {max_compiles!r}.")
+    raise ValueError(f"the `max_compiles` argument to {_API} must be an int >= 2 (the plain step is "
+                     "compiled first, and one compile is kept for the smallest-memory step), but got "
+                     f"{max_compiles!r}.")
   return Fitted(step, parse_memory(memory), max_compiles, jit_kwargs)
 
 

@@ -171,8 +171,8 @@ def verified_search(dps, costs: Sequence[Sequence[LayerCost]], limit: float,
       if predicted(o) > 0:
         low, high = min(low, v / predicted(o)), max(high, v / predicted(o))
       is_proposal = o is proposal
-      log.info("%s: %s -> %s of %s (%s), %.4g GFLOP predicted", api, describe(o), units(v), units(limit),
-               "fits" if v <= limit else "over", flops(o) / 1e9)
+      log.info("%s: %s -> %s of %s (%s); predicted %s, %.4g GFLOP", api, describe(o), units(v),
+               units(limit), "fits" if v <= limit else "over", units(predicted(o)), flops(o) / 1e9)
       if v <= limit:
         if best is None or flops(o) < flops(best):
           best, best_proposed = o, is_proposal
