@@ -23,6 +23,7 @@ from remat._src.plans import plan as plan_lib
 from remat_bench.models.linen import TransformerBlock
 from remat_bench.models.nnx import TransformerBlock as NNXBlock
 from exactness import assert_close_to_scale, assert_same_gradients
+import error_cases
 
 N, WIDTH, HEADS = 4, 32, 4
 SPLITS = {"params": True, "dropout": True}
@@ -305,11 +306,9 @@ LINEN_CONSTRUCTION_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", list(LINEN_CONSTRUCTION_ERRORS))
+@pytest.mark.parametrize("case", LINEN_CONSTRUCTION_ERRORS)
 def test_linen_construction_errors(case):
-  error, message, call = LINEN_CONSTRUCTION_ERRORS[case]
-  with pytest.raises(error, match=message):
-    call()
+  error_cases.expect(LINEN_CONSTRUCTION_ERRORS, case)
 
 
 def test_linen_call_errors():
@@ -489,11 +488,9 @@ NNX_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", list(NNX_ERRORS))
+@pytest.mark.parametrize("case", NNX_ERRORS)
 def test_nnx_errors(case):
-  error, message, call = NNX_ERRORS[case]
-  with pytest.raises(error, match=message):
-    call()
+  error_cases.expect(NNX_ERRORS, case)
 
 
 # -- execution and regular plans ----------------------------------------------------------------

@@ -7,6 +7,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
+import error_cases
 import remat
 from remat import segmenters as S
 from remat.segmenters import Plan, Segment
@@ -114,11 +115,9 @@ ERROR_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ERROR_CASES))
+@pytest.mark.parametrize("case", ERROR_CASES)
 def test_errors_name_the_api_and_the_fix(case):
-  error, message, call = ERROR_CASES[case]
-  with pytest.raises(error, match=message):
-    call()
+  error_cases.expect(ERROR_CASES, case)
 
 
 def test_renamed_names_still_work_with_a_deprecation_warning():

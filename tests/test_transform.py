@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import error_cases
 import remat
 from remat._src.util import compat
 from remat._src.core import compile as remat_compile
@@ -390,27 +391,30 @@ def _call_static_out_of_range():
 
 
 ERROR_CASES = {
-    "not callable": (lambda: remat.checkpoint(3), TypeError, r"`remat.checkpoint` expects a callable.*got 3"),
-    "static_argnums a string": (lambda: remat.checkpoint(lambda x: x, static_argnums="a"), TypeError,
-                                r"static_argnums.*`remat.checkpoint`.*'a'"),
-    "static_argnums a float": (lambda: remat.checkpoint(static_argnums=(1.5,)), TypeError,
-                               r"static_argnums.*1.5"),
-    "static_argnums beyond the arity": (lambda: remat.checkpoint(lambda x: x, static_argnums=2), ValueError,
-                                        r"out of range.*\(2,\).*1 positional"),
-    "policy a string": (lambda: remat.checkpoint(lambda x: x, policy="save dots"), TypeError,
-                        r"`policy`.*`remat.checkpoint`.*'save dots'"),
-    "static argument unhashable": (_call_static_list, TypeError, r"static argument 1.*hashable.*\[1, 2\]"),
-    "static position beyond the call": (_call_static_out_of_range, ValueError, r"out of range.*index 3"),
-    "dropout rate 1": (lambda: remat.rng.dropout(jax.random.key(0), jnp.ones(2), 1.0), ValueError, "rate"),
-    "layer_keys of an array": (lambda: remat.rng.layer_keys(jnp.ones(3), 2), TypeError, "PRNG key"),
+    "not callable": (TypeError, r"`remat.checkpoint` expects a callable.*got 3",
+                     lambda: remat.checkpoint(3)),
+    "static_argnums a string": (TypeError, r"static_argnums.*`remat.checkpoint`.*'a'",
+                                lambda: remat.checkpoint(lambda x: x, static_argnums="a")),
+    "static_argnums a float": (TypeError, r"static_argnums.*1.5",
+                               lambda: remat.checkpoint(static_argnums=(1.5,))),
+    "static_argnums beyond the arity": (ValueError, r"out of range.*\(2,\).*1 positional",
+                                        lambda: remat.checkpoint(lambda x: x, static_argnums=2)),
+    "policy a string": (TypeError, r"`policy`.*`remat.checkpoint`.*'save dots'",
+                        lambda: remat.checkpoint(lambda x: x, policy="save dots")),
+    "static argument unhashable": (TypeError, r"static argument 1.*hashable.*\[1, 2\]",
+                                   _call_static_list),
+    "static position beyond the call": (ValueError, r"out of range.*index 3",
+                                        _call_static_out_of_range),
+    "dropout rate 1": (ValueError, "rate",
+                       lambda: remat.rng.dropout(jax.random.key(0), jnp.ones(2), 1.0)),
+    "layer_keys of an array": (TypeError, "PRNG key",
+                               lambda: remat.rng.layer_keys(jnp.ones(3), 2)),
 }
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
 def test_errors_name_the_api_and_the_fix(case):
-  call, error, message = ERROR_CASES[case]
-  with pytest.raises(error, match=message):
-    call()
+  error_cases.expect(ERROR_CASES, case)
 
 
 def test_rng_helpers_for_both_key_kinds():
