@@ -17,8 +17,8 @@ once per repeat (default 3), the median reported:
 
 Writes time_to_first_step_<model>.csv to --out and prints a Markdown table with ratios to jax_jit.
 
-    python experiments/time_to_first_step.py --out results                # about 5 minutes on 2 CPU cores
-    python experiments/time_to_first_step.py --model gpt2 --out results   # about an hour
+    python experiments/time_to_first_step.py --out results                # about 8 minutes on 2 CPU cores
+    python experiments/time_to_first_step.py --model gpt2 --out results   # about 10 minutes
 """
 
 from __future__ import annotations
